@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh Debian machine with Python 3.11:
+#   make run    -- create .venv, install the package, install Fashion-MNIST, run the main job
+#   make test   -- create .venv, install the package with its dev extra, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+data:
+	@if [ ! -d "$(FASHION_MNIST_DIR)" ]; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+run: setup data
+	$(BIN)/python -m manifold_lab.spiral --out figures
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache
