@@ -1,0 +1,81 @@
+"""``python -m manifold_lab.spiral``: run the spiral experiment and write figures + metrics.
+
+Every argument is validated before anything is computed or written; a bad one exits with code 2 and a
+one-line message."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from manifold_lab.cli import ArgumentParser, UsageError, run_main
+
+PROG = "python -m manifold_lab.spiral"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def check_out_dir(path: str) -> Path:
+    """Check, without creating anything, that ``path`` is or can become a writable directory."""
+    out = Path(path)
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create output directory {path!r}: {str(probe)!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {path!r} is not writable")
+    return out
+
+
+def build_parser() -> ArgumentParser:
+    """The command-line parser (defaults are the paper's Fig. 1 panels)."""
+    from manifold_lab.spiral.experiment import DEFAULT_DIMS
+    from manifold_lab.spiral.kernel import ACTIVATIONS
+    from manifold_lab.spiral.manifolds import MANIFOLDS
+
+    p = ArgumentParser(prog=PROG, description="ReLU on low-dimensional manifolds (MobileNetV2 Fig. 1, "
+                       "Appendix A Theorem 1).")
+    p.add_argument("--dims", type=_int, nargs="+", default=list(DEFAULT_DIMS),
+                   help="expansion widths n (default: %(default)s)")
+    p.add_argument("--points", type=_int, default=2000, help="points on the manifold (default: %(default)s)")
+    p.add_argument("--trials", type=_int, default=1000,
+                   help="independent draws of T per n (default: %(default)s)")
+    p.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--out", default="figures", help="output directory (default: %(default)s/)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
+    p.add_argument("--manifold", choices=MANIFOLDS, default="spiral")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, validate, run, write ``spiral.png``, ``spiral_theorem.png``, ``spiral_metrics.json``."""
+    from manifold_lab.spiral.experiment import format_table, run_experiment, validate, write_outputs
+
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args.dims, args.points, args.trials, args.seed, args.activation, args.manifold)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    check_out_dir(args.out)
+    result = run_experiment(args.dims, args.points, args.trials, args.seed, args.activation, args.manifold)
+    try:
+        paths = write_outputs(result, args.out)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {args.out!r}: {exc.strerror or exc}") from None
+    print(format_table(result.metrics))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main, prog=PROG))
