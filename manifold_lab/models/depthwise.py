@@ -1,0 +1,141 @@
+"""The 3x3 depthwise convolution in two equivalent forms, and its conv + BatchNorm + ReLU6 unit.
+
+- ``xla``: ``lax.conv_general_dilated`` with ``feature_group_count = channels``.
+- ``shift``: pad once, then nine shifted (strided) slices of the padded input, each times its
+  per-channel tap, summed. On CPU XLA's grouped convolution is several times slower than this form,
+  forward and backward (see ``benchmarks/README.md``, "Depthwise convolution").
+- ``auto``: ``shift`` on the CPU backend, ``xla`` on GPU/TPU, decided from
+  ``jax.default_backend()`` when the model is traced.
+
+Both forms share the padding geometry of :func:`manifold_lab.models.layers.pad_amounts`
+(``same``: TF 'SAME'; ``symmetric``: (1, 1)). Kernels are stored HWIO as ``(3, 3, 1, C)``, the
+layout of a grouped convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from manifold_lab.models.layers import activation, he_normal, pad_amounts
+
+Array = jax.Array
+
+DEPTHWISE_FORMS: tuple[str, ...] = ("xla", "shift")
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``shift`` on CPU, ``xla`` elsewhere; ``xla``/``shift`` unchanged."""
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "xla"
+    if impl not in DEPTHWISE_FORMS:
+        raise ValueError(f"depthwise_impl must be auto, xla or shift; got {impl!r}")
+    return impl
+
+
+def depthwise_conv(x: Array, kernel: Array, *, stride: int = 1, padding: str = "same",
+                   impl: str = "auto") -> Array:
+    """Depthwise convolution of NHWC ``x`` with an HWIO kernel of shape ``(k, k, 1, C)``."""
+    k = kernel.shape[0]
+    channels = x.shape[-1]
+    if kernel.shape != (k, k, 1, channels):
+        raise ValueError(f"depthwise kernel must be ({k}, {k}, 1, {channels}), got {kernel.shape}")
+    pads = [pad_amounts(n, k, stride, padding) for n in x.shape[1:3]]
+    if resolve_impl(impl) == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=channels)
+    return _shift_depthwise(x, kernel[:, :, 0, :], stride, tuple(pads))
+
+
+def _tap_window(xp: Array, i: int, j: int, stride: int, out_h: int, out_w: int) -> Array:
+    """The strided slice of the padded input that tap (i, j) multiplies."""
+    n, _, _, c = xp.shape
+    return jax.lax.slice(xp, (0, i, j, 0),
+                         (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                         (1, stride, stride, 1))
+
+
+def _taps_sum(xp: Array, taps: Array, stride: int, out_h: int, out_w: int) -> Array:
+    """sum over taps (i, j) of window(i, j) * taps[i, j] (per channel)."""
+    k = taps.shape[0]
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = _tap_window(xp, i, j, stride, out_h, out_w) * taps[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shift_depthwise(x: Array, taps: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
+    """Depthwise conv of NHWC ``x`` with ``taps`` (k, k, C): one pad, then k*k shifted multiply-adds."""
+    k = taps.shape[0]
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h, out_w = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+    return _taps_sum(xp, taps, stride, out_h, out_w)
+
+
+def _shift_depthwise_fwd(x, taps, stride, pads):
+    return _shift_depthwise(x, taps, stride, pads), (x, taps)
+
+
+def _shift_depthwise_bwd(stride, pads, residuals, g):
+    """Hand-written gradients (autodiff of the slices is far slower on CPU).
+
+    Input gradient: the transposed convolution, itself a stride-1 shift form over the output
+    gradient dilated by the stride (``lax.pad`` interior padding) and padded by k-1-lo / the rest,
+    with the taps flipped. Kernel gradient: for each tap, the window times the output gradient,
+    summed over batch and space; the nine reductions run in a ``lax.scan`` so that XLA does not
+    materialise all nine windows at once (which made them several times slower).
+    """
+    x, taps = residuals
+    k = taps.shape[0]
+    n, h, w, c = x.shape
+    out_h, out_w = g.shape[1:3]
+    config = [(0, 0, 0)]
+    for (lo, _hi), size, out in zip(pads, (h, w), (out_h, out_w)):
+        config.append((k - 1 - lo, size + lo - (out - 1) * stride - 1, stride - 1))
+    config.append((0, 0, 0))
+    g_dilated = jax.lax.pad(g, jnp.zeros((), g.dtype), config)
+    grad_x = _taps_sum(g_dilated, taps[::-1, ::-1], 1, h, w)
+
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    offsets = jnp.array([(i, j) for i in range(k) for j in range(k)], jnp.int32)
+
+    def tap_grad(_, offset):
+        window = jax.lax.dynamic_slice(xp, (0, offset[0], offset[1], 0), (n, span_h, span_w, c))
+        window = window[:, ::stride, ::stride]
+        return None, jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32)
+
+    _, grad_taps = jax.lax.scan(tap_grad, None, offsets)
+    return grad_x, grad_taps.reshape(k, k, c).astype(taps.dtype)
+
+
+_shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+
+
+class DepthwiseBN(nnx.Module):
+    """3x3 depthwise convolution without bias, BatchNorm, then an activation (ReLU6 by default)."""
+
+    def __init__(self, channels: int, *, stride: int = 1, padding: str = "same", impl: str = "auto",
+                 act: str = "relu6", bn_epsilon: float = 1e-3, bn_momentum: float = 0.997,
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
+        self.stride = stride
+        self.padding = padding
+        self.impl = impl
+        self.act = act
+        self.dtype = jnp.dtype(dtype)
+        # He normal with the per-channel fan (9 taps) of a depthwise filter.
+        self.kernel = nnx.Param(he_normal(rngs.params(), (3, 3, 1, channels), fan=9))
+        self.bn = nnx.BatchNorm(channels, momentum=bn_momentum, epsilon=bn_epsilon,
+                                dtype=self.dtype, rngs=rngs)
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        y = depthwise_conv(x, self.kernel[...].astype(self.dtype), stride=self.stride,
+                           padding=self.padding, impl=self.impl)
+        return activation(self.act)(self.bn(y, use_running_average=not train))

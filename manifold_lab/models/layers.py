@@ -1,0 +1,136 @@
+"""Building blocks shared by MobileNetV1 and MobileNetV2: activations by name, TF/torch padding
+geometry, the conv + BatchNorm + activation unit, global pooling, dropout and the classifier.
+
+All tensors are NHWC; convolution kernels are HWIO ``nnx.Param`` named ``kernel``; BatchNorm is
+``nnx.BatchNorm`` (``scale``/``bias`` Params, ``mean``/``var`` BatchStats). Parameters and
+BatchNorm statistics are float32; activations run in the model's compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+#: Activation functions by config name. ``linear`` is the identity (the paper's linear bottleneck).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "linear": lambda x: x,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function called ``name`` (``linear``, ``relu`` or ``relu6``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}") from None
+
+
+def pad_amounts(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
+    """(low, high) padding of one spatial axis.
+
+    ``same``: TensorFlow 'SAME' geometry (output ``ceil(size / stride)``, the odd pixel of padding
+    at the end, e.g. (0, 1) for a 3x3 stride-2 conv on an even size). ``symmetric``: torchvision
+    geometry, ``kernel // 2`` on both sides.
+    """
+    if padding == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2
+    if padding == "symmetric":
+        return kernel // 2, kernel // 2
+    raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
+
+
+def output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    """Spatial output size of a conv with this geometry."""
+    lo, hi = pad_amounts(size, kernel, stride, padding)
+    return (size + lo + hi - kernel) // stride + 1
+
+
+def normal(key: Array, shape: tuple[int, ...], std: float) -> Array:
+    """float32 normal(0, std) draw of ``shape``.
+
+    Drawn as a flat vector whose length is rounded up to a power of two, then cut and reshaped:
+    eager construction then compiles the random-number kernel for a handful of lengths instead
+    of once per parameter shape (which made building a model take tens of seconds on CPU)."""
+    n = math.prod(shape)
+    length = 1 << max(n - 1, 0).bit_length()
+    return jax.random.normal(key, (length,), jnp.float32)[:n].reshape(shape) * std
+
+
+def he_normal(key: Array, shape: tuple[int, ...], fan: int) -> Array:
+    """He (Kaiming) normal: std sqrt(2 / fan)."""
+    return normal(key, shape, math.sqrt(2.0 / fan))
+
+
+class ConvBN(nnx.Module):
+    """A dense (ungrouped) convolution without bias, BatchNorm, then an activation.
+
+    1x1 stride-1 convolutions are computed as a matmul over the channel axis (faster than XLA's
+    convolution on CPU for these shapes; identical result).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 1, stride: int = 1,
+                 padding: str = "same", act: str = "relu6", bn_epsilon: float = 1e-3,
+                 bn_momentum: float = 0.997, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.act = act
+        self.dtype = jnp.dtype(dtype)
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        # torchvision's kaiming-normal fan-out initialisation
+        self.kernel = nnx.Param(he_normal(rngs.params(), shape, fan=kernel_size * kernel_size * out_channels))
+        self.bn = nnx.BatchNorm(out_channels, momentum=bn_momentum, epsilon=bn_epsilon,
+                                dtype=self.dtype, rngs=rngs)
+
+    def conv(self, x: Array) -> Array:
+        """The convolution alone (no BatchNorm, no activation)."""
+        kernel = self.kernel[...].astype(self.dtype)
+        if self.kernel_size == 1 and self.stride == 1:
+            return jnp.dot(x, kernel[0, 0])
+        pads = [pad_amounts(n, self.kernel_size, self.stride, self.padding) for n in x.shape[1:3]]
+        return jax.lax.conv_general_dilated(
+            x, kernel, (self.stride, self.stride), pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        y = self.bn(self.conv(x), use_running_average=not train)
+        return activation(self.act)(y)
+
+
+class Classifier(nnx.Module):
+    """Global average pool, dropout (``rate`` = drop probability), dense layer; float32 logits."""
+
+    def __init__(self, in_features: int, num_classes: int, *, dropout_rate: float, rngs: nnx.Rngs) -> None:
+        self.dropout_rate = dropout_rate
+        self.dense = nnx.Linear(in_features, num_classes,
+                                kernel_init=lambda key, shape, dtype: normal(key, shape, 0.01), rngs=rngs)
+
+    def pool(self, x: Array) -> Array:
+        """Global average over the spatial axes, in float32."""
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+    def __call__(self, pooled: Array, train: bool, dropout_key: Array | None) -> Array:
+        if train and self.dropout_rate > 0.0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout_rate, pooled.shape)
+            pooled = jnp.where(keep, pooled / (1.0 - self.dropout_rate), 0.0)
+        return self.dense(pooled)
+
+
+def check_call(x: Array, in_channels: int, train: bool, dropout_rate: float,
+               dropout_key: Array | None) -> None:
+    """Reject inputs that are not NHWC with the configured channel count, and training calls that
+    need dropout but have no key (before any work is done)."""
+    if x.ndim != 4 or x.shape[-1] != in_channels:
+        raise ValueError(f"expected NHWC input with {in_channels} channels, got shape {tuple(x.shape)}")
+    if train and dropout_rate > 0.0 and dropout_key is None:
+        raise ValueError("train=True with dropout needs a dropout_key")

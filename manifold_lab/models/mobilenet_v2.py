@@ -1,0 +1,146 @@
+"""MobileNetV2 (Sandler et al. 2018) in Flax NNX, built from the decoded stage table of
+:class:`manifold_lab.models.config.MobileNetV2Config`, with the Section 6.4 ablation switches.
+
+Network: 3x3 conv (stride ``config.stem_stride``) + BN + ReLU6 -> 17 bottleneck blocks
+(``config.blocks()``) -> 1x1 conv to ``config.head_channels`` + BN + ReLU6 -> global average pool
+-> dropout (drop probability ``config.dropout_rate``) -> dense classifier. Convolutions have no
+bias (BatchNorm follows each). The ``small`` preset (28-32 px inputs) runs the stem and the first
+stride-2 stage at stride 1, so 32 px ends at 4x4 and 28 px at 4x4 (``same`` padding).
+
+Block i (input x_i, spec ``config.blocks()[i]``), Table 1::
+
+    a_i     = ReLU6(BN(x_i @ W_expand))          # absent when t = 1: a_i = x_i
+    e_i     = a_i  (+ e_{i-1}  under residual="expansion", see below)
+    d_i     = ReLU6(BN(depthwise3x3_stride_s(e_i)))
+    p_i     = act(BN(d_i @ W_project))           # act = config.bottleneck_activation
+    x_{i+1} = p_i  (+ x_i  under residual="bottleneck" where spec.bottleneck_shortcut)
+
+``bottleneck_activation``: ``linear`` (the paper's linear bottleneck), ``relu6`` or ``relu``,
+applied after the projection's BatchNorm and before the residual add (TF-Slim's
+``project_activation_fn``, Fig. 6a).
+
+``residual`` (Fig. 6b):
+
+- ``bottleneck`` (paper): identity shortcut from the block input to the block output where
+  the stride is 1 and the depths match (10 blocks of the 224 px network)::
+
+      x_i --> expand --> e_i --> dw --> project --(+)--> x_{i+1}
+       |                                          ^
+       +------------------------------------------+
+
+- ``expansion`` ("shortcut between expanded layers"): the same layers, parameters and
+  multiply-adds, re-cut so that the residual stream runs through the *expanded* tensors (the
+  depthwise inputs, taken after the expansion's ReLU6). For every block index i in
+  ``config.expansion_shortcuts()``, i.e. blocks i-1 and i both have an expansion conv, block i-1
+  has stride 1 and both expanded widths are equal (so the tensors have the same shape),
+  ``e_i = a_i + e_{i-1}``; ``e_{i-1}`` already includes its own shortcut, so the sums chain like
+  an ordinary residual stream. There are no shortcuts between bottlenecks. The residual branch is
+  thus ``dw -> project -> expand`` (a non-inverted block: wide -> narrow -> wide)::
+
+      e_{i-1} --> dw --> project --> x_i --> expand --> a_i --(+)--> e_i --> dw --> ...
+         |                                                 ^
+         +-------------------------------------------------+
+
+  At 224 px and width 1 this gives 10 shortcuts, at blocks 3, 5, 6, 8, 9, 10, 12, 13, 15, 16.
+
+- ``none``: no shortcuts at all.
+
+Intermediates (``capture=True``), in forward order:
+``stem`` (after the stem's ReLU6); for every block ``block{i:02d}/expansion`` (e_i: the depthwise
+input, after the expansion's ReLU6 and, under ``residual="expansion"``, after the shortcut add; the
+block input for the t = 1 block), ``block{i:02d}/depthwise`` (d_i), ``block{i:02d}/projection``
+(x_{i+1}: the block output after the bottleneck activation and the shortcut add); ``head`` (after the
+last 1x1 conv's ReLU6), ``pooled`` (float32 global average), ``logits``. (The dict is in this order
+when the model is called directly; a dict returned through ``jax.jit`` and other transformations
+comes back with sorted keys.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from manifold_lab.models.config import BlockSpec, MobileNetV2Config
+from manifold_lab.models.depthwise import DepthwiseBN
+from manifold_lab.models.layers import Classifier, ConvBN, check_call
+
+Array = jax.Array
+
+
+class InvertedResidual(nnx.Module):
+    """One bottleneck block: optional 1x1 expansion, 3x3 depthwise, 1x1 projection (see module doc)."""
+
+    def __init__(self, spec: BlockSpec, config: MobileNetV2Config, *, expansion_shortcut: bool,
+                 rngs: nnx.Rngs) -> None:
+        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum,
+                      dtype=jnp.dtype(config.compute_dtype), rngs=rngs)
+        self.index = spec.index
+        self.bottleneck_shortcut = config.residual == "bottleneck" and spec.bottleneck_shortcut
+        self.expansion_shortcut = expansion_shortcut
+        self.expansion = (ConvBN(spec.in_channels, spec.expanded_channels, act="relu6", **common)
+                          if spec.has_expansion else None)
+        self.depthwise = DepthwiseBN(spec.expanded_channels, stride=spec.stride, padding=config.padding,
+                                     impl=config.depthwise_impl, act="relu6", **common)
+        self.projection = ConvBN(spec.expanded_channels, spec.out_channels,
+                                 act=config.bottleneck_activation, **common)
+
+    def __call__(self, x: Array, prev_expanded: Array | None, train: bool,
+                 acts: dict[str, Array] | None = None) -> tuple[Array, Array]:
+        """Returns (block output x_{i+1}, expanded tensor e_i). ``prev_expanded`` is e_{i-1}."""
+        e = self.expansion(x, train) if self.expansion is not None else x
+        if self.expansion_shortcut:
+            e = e + prev_expanded
+        d = self.depthwise(e, train)
+        y = self.projection(d, train)
+        if self.bottleneck_shortcut:
+            y = y + x
+        if acts is not None:
+            name = f"block{self.index:02d}"
+            acts[f"{name}/expansion"] = e
+            acts[f"{name}/depthwise"] = d
+            acts[f"{name}/projection"] = y
+        return y, e
+
+
+class MobileNetV2(nnx.Module):
+    """MobileNetV2 with the switches of :class:`MobileNetV2Config` (see the module docstring)."""
+
+    def __init__(self, config: MobileNetV2Config, *, rngs: nnx.Rngs) -> None:
+        self.config = config
+        dtype = jnp.dtype(config.compute_dtype)
+        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum, dtype=dtype, rngs=rngs)
+        self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,
+                           padding=config.padding, act="relu6", **common)
+        shortcuts = set(config.expansion_shortcuts()) if config.residual == "expansion" else set()
+        self.blocks = nnx.List([
+            InvertedResidual(spec, config, expansion_shortcut=spec.index in shortcuts, rngs=rngs)
+            for spec in config.blocks()
+        ])
+        last = config.blocks()[-1].out_channels
+        self.head = ConvBN(last, config.head_channels, act="relu6", **common)
+        self.classifier = Classifier(config.head_channels, config.num_classes,
+                                     dropout_rate=config.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: Array, train: bool = False, dropout_key: Array | None = None,
+                 capture: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+        """Logits (float32, ``[N, num_classes]``) of NHWC images ``x``; with ``capture=True`` also
+        the ordered dict of named intermediates. ``train=True`` normalises with batch statistics,
+        updates the running averages and applies dropout (which needs ``dropout_key``)."""
+        check_call(x, self.config.in_channels, train, self.config.dropout_rate, dropout_key)
+        acts: dict[str, Array] | None = {} if capture else None
+        h = self.stem(x.astype(jnp.dtype(self.config.compute_dtype)), train)
+        if acts is not None:
+            acts["stem"] = h
+        expanded = None
+        for block in self.blocks:
+            h, expanded = block(h, expanded, train, acts)
+        h = self.head(h, train)
+        pooled = self.classifier.pool(h)
+        logits = self.classifier(pooled, train, dropout_key).astype(jnp.float32)
+        if acts is None:
+            return logits
+        acts["head"] = h
+        acts["pooled"] = pooled
+        acts["logits"] = logits
+        return logits, acts
