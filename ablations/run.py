@@ -1,0 +1,213 @@
+"""Resumable, shardable sweep runner: ``python -m ablations.run STUDY|all --preset P``.
+
+Runs only what is missing: finished runs are skipped, partial ones resumed from their checkpoint
+(clean restart if that fails), corrupt ones moved to ``RESULTS/<preset>/_quarantine/`` and re-run.
+Missing seeds of one configuration are trained together with ``train_seeds`` (one vmapped program).
+``--shard i/N`` runs the i-th of N contiguous slices of the id-sorted run list (1-based), so a job
+array covers a sweep exactly once; ``--dry-run`` prints one line per run:
+``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
+from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, parse_shard, preset_dir,
+                            run_status, shard)
+from ablations.studies import PRESETS, STUDIES, Preset, get_preset
+
+Log = Callable[[str], None]
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def resolve_preset(name: str) -> Preset:
+    """The preset ``name``, or :class:`UsageError` listing the valid ones."""
+    try:
+        return get_preset(name)
+    except KeyError:
+        raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+def check_readable_dir(path: Path, what: str) -> None:
+    """An existing ``path`` must be a listable directory (else :class:`UsageError`)."""
+    if path.exists() and (not path.is_dir() or not os.access(path, os.R_OK | os.X_OK)):
+        raise UsageError(f"{what} {str(path)!r} is not a readable directory")
+
+
+def quarantine(run_dir: Path, root: Path, log: Log) -> Path:
+    """Move a corrupt run directory to ``root/_quarantine/<id>.<n>`` (kept for inspection, never read)."""
+    qdir = root / "_quarantine"
+    qdir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while (target := qdir / f"{run_dir.name}.{n}").exists():
+        n += 1
+    shutil.move(str(run_dir), str(target))
+    log(f"  moved {run_dir.name} aside to {target}")
+    return target
+
+
+def _fmt_summary(summary: object) -> str:
+    if isinstance(summary, dict) and "final_test_accuracy" in summary:
+        return f"test accuracy {100 * float(summary['final_test_accuracy']):.2f}%"
+    return "finished"
+
+
+class Sweep:
+    """Executes a list of runs under ``root`` (``RESULTS/<preset>``), reporting progress through ``log``."""
+
+    def __init__(self, runs: Sequence[Run], root: Path, log: Log = _log) -> None:
+        self.runs = list(runs)
+        self.root = root
+        self.log = log
+        self.failed: list[tuple[str, str]] = []
+        self.trained = 0
+        self._done = 0
+
+    def _progress(self, run: Run) -> str:
+        self._done += 1
+        return f"[{self._done}/{len(self.runs)}] {run.run_id} ({run.describe_members()})"
+
+    def _verify(self, run: Run) -> bool:
+        status, reason = run_status(self.root / run.run_id, run.expected_config())
+        if status != DONE:
+            self.failed.append((run.run_id, f"trainer returned but run is {status}: {reason}"))
+            self.log(f"  FAILED {run.run_id}: run is {status} after training ({reason})")
+            return False
+        return True
+
+    def _train_one(self, run: Run, resume: bool) -> None:
+        import manifold_lab.train as trainer
+        start = time.perf_counter()
+        summary = trainer.train(run.train_config(), self.root / run.run_id, resume=resume)
+        self.trained += 1
+        if self._verify(run):
+            self.log(f"  done {run.run_id} in {time.perf_counter() - start:.1f}s: {_fmt_summary(summary)}")
+
+    def _attempt(self, run: Run, resume: bool) -> None:
+        """Train one run; a non-usage failure is recorded and the sweep goes on."""
+        try:
+            self._train_one(run, resume)
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # one diverged/crashed run must not stop a sweep of many
+            self.failed.append((run.run_id, f"{exc.__class__.__name__}: {exc}"))
+            self.log(f"  FAILED {run.run_id}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def _train_group(self, group: list[Run]) -> None:
+        """Train several missing seeds of one configuration in one multi-seed program."""
+        import manifold_lab.train as trainer
+        start = time.perf_counter()
+        seeds = [r.seed for r in group]
+        try:
+            summaries = trainer.train_seeds(group[0].train_config(), seeds=seeds,
+                                            run_dirs=[self.root / r.run_id for r in group])
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # e.g. a streamed dataset; a real usage error recurs one by one
+            self.log(f"  multi-seed training not possible ({exc.__class__.__name__}: {exc}); "
+                     "running the seeds one by one")
+            for r in group:
+                rdir = self.root / r.run_id
+                if run_status(rdir, r.expected_config())[0] != MISSING:
+                    quarantine(rdir, self.root, self.log)
+                self._attempt(r, resume=False)
+            return
+        self.trained += len(group)
+        elapsed = time.perf_counter() - start
+        for r, summary in zip(group, summaries):
+            if self._verify(r):
+                self.log(f"  done {r.run_id} (seed {r.seed}, {len(group)} seeds in {elapsed:.1f}s): "
+                         f"{_fmt_summary(summary)}")
+
+    def execute(self) -> int:
+        """Run everything that is not done; returns the number of failed runs."""
+        pending: dict[str, list[Run]] = {}
+        for run in self.runs:
+            run_dir = self.root / run.run_id
+            status, reason = run_status(run_dir, run.expected_config())
+            if status == DONE:
+                self.log(f"{self._progress(run)}: done, skipped")
+                continue
+            if status == PARTIAL:
+                self.log(f"{self._progress(run)}: partial ({reason}), resuming")
+                try:
+                    self._train_one(run, resume=True)
+                    continue
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # incl. UsageError (bad checkpoint); a real usage error recurs below
+                    self.log(f"  resume failed ({exc.__class__.__name__}: {exc}); restarting from scratch")
+                    status = CORRUPT
+            if status == CORRUPT:
+                if run_dir.exists():
+                    self.log(f"  {run.run_id}: corrupt ({reason}), re-running from scratch")
+                    quarantine(run_dir, self.root, self.log)
+            pending.setdefault(run.group_id, []).append(run)
+        for group in pending.values():
+            if len(group) >= 2:
+                for r in group:
+                    self.log(f"{self._progress(r)}: training (multi-seed group of {len(group)})")
+                self._train_group(group)
+            else:
+                self.log(f"{self._progress(group[0])}: training")
+                self._attempt(group[0], resume=False)
+        return len(self.failed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m ablations.run", description=__doc__.splitlines()[0])
+    parser.add_argument("study", help=f"all, {', '.join(STUDIES)}")
+    parser.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
+    parser.add_argument("--seeds", type=positive_int, default=None,
+                        help="seeds per variant (default: the preset's; fig7 always uses seed 0)")
+    parser.add_argument("--out", default="results", help="results folder (default results/)")
+    parser.add_argument("--shard", default=None, help="run only shard i of N (1-based), e.g. 2/8")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (imagefolder/cifar presets)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+    args = parser.parse_args(argv)
+
+    preset = resolve_preset(args.preset)
+    shard_spec = parse_shard(args.shard) if args.shard is not None else None
+    runs = build_plan(args.study, preset, seeds=args.seeds, data_dir=args.data_dir)
+    if shard_spec is not None:
+        runs = shard(runs, *shard_spec)
+    out = Path(args.out)
+    check_readable_dir(out, "results folder")
+    root = preset_dir(out, preset)
+    check_readable_dir(root, "results folder")
+
+    if args.dry_run:
+        counts: dict[str, int] = {}
+        for run in runs:
+            status, _ = run_status(root / run.run_id, run.expected_config())
+            counts[status] = counts.get(status, 0) + 1
+            overrides = " ".join(f"{k}={v}" for k, v in sorted(run.overrides(preset).items()))
+            print(f"{run.run_id}\t{run.describe_members()}\t{overrides}\t{status}")
+        tally = ", ".join(f"{counts[s]} {s}" for s in (DONE, MISSING, PARTIAL, CORRUPT) if s in counts)
+        print(f"{len(runs)} runs: {tally or 'none'}", file=sys.stderr)
+        return 0
+
+    writable_dir(root)
+    where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
+    _log(f"{args.study} --preset {preset.name}{where}: {len(runs)} runs in {root}")
+    start = time.perf_counter()
+    sweep = Sweep(runs, root)
+    failed = sweep.execute()
+    _log(f"trained {sweep.trained} runs in {time.perf_counter() - start:.1f}s; "
+         f"{len(runs) - failed} of {len(runs)} complete")
+    for rid, why in sweep.failed:
+        print(f"failed: {rid}: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main, prog="python -m ablations.run"))

@@ -1,0 +1,376 @@
+"""Ablation sweeps: statistics, the run plan (ids, dedup, shards), the resumable runner, the figures
+and the report. Most tests use a fake trainer that writes run directories in the trainer's exact
+format (config.json, metrics.jsonl, summary.json); the last one runs the real ``smoke`` preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ablations import stats
+from ablations.plan import (CORRUPT, DONE, PARTIAL, build_plan, parse_shard, preset_dir,
+                            run_status, shard)
+from ablations.studies import STUDIES, get_preset
+from manifold_lab.cli import UsageError, run_main
+
+# ------------------------------------------------------------------------------------------ stats
+
+
+@pytest.mark.parametrize("df, expected", [
+    (1, 12.706204736174694), (2, 4.302652729749462), (3, 3.1824463052837078), (5, 2.5705818356363146),
+    (10, 2.228138851986274), (30, 2.0422724563012378), (2.5, 3.5746548420036817), (7.3, 2.345066736547703),
+])
+def test_t_quantile_matches_reference_values(df, expected):
+    assert stats.t_ppf(0.975, df) == pytest.approx(expected, rel=1e-10)
+    assert stats.t_ppf(0.025, df) == pytest.approx(-expected, rel=1e-10)
+
+
+def test_t_cdf_and_incomplete_beta_reference_values():
+    assert stats.t_cdf(1.5, 4) == pytest.approx(0.896, abs=1e-12)
+    assert stats.t_cdf(-2.0, 3.5) == pytest.approx(0.06306926128795672, rel=1e-10)
+    assert stats.betainc(2.5, 0.5, 0.3) == pytest.approx(0.018927124071945658, rel=1e-10)
+    assert stats.t_ppf(0.975, 1e4) == pytest.approx(1.960201239890626, rel=1e-9)  # near the normal limit
+
+
+def test_mean_ci_reference_and_degenerate_cases():
+    est = stats.mean_ci([0.91, 0.905, 0.913])
+    assert est.mean == pytest.approx(0.9093333333333333)
+    assert (est.lo, est.hi) == (pytest.approx(0.8992938102972511), pytest.approx(0.9193728563694153))
+    assert est.n == 3
+    one = stats.mean_ci([0.5])
+    assert (one.mean, one.lo, one.hi, one.n) == (0.5, None, None, 1)
+    with pytest.raises(ValueError):
+        stats.mean_ci([])
+
+
+def test_welch_reference_values():
+    diff = stats.welch([2, 4, 6, 8, 10], [1, 2, 3, 4])  # variant - baseline
+    assert diff.diff == pytest.approx(3.5)
+    assert diff.df == pytest.approx(5.520787746170677, rel=1e-10)
+    assert diff.lo == pytest.approx(-0.3853680805140449, rel=1e-9)
+    assert diff.hi == pytest.approx(7.385368080514045, rel=1e-9)
+    assert stats.welch([1.0], [1.0, 2.0]).lo is None
+    same = stats.welch([1.0, 1.0], [0.0, 0.0])
+    assert (same.lo, same.hi) == (1.0, 1.0)
+
+
+def test_band_pointwise_t_interval():
+    mean, lo, hi = stats.band([[1.0, 2.0], [3.0, 2.0]])
+    assert mean.tolist() == [2.0, 2.0]
+    half = 12.706204736174694 * math.sqrt(2.0) / math.sqrt(2.0)
+    assert lo[0] == pytest.approx(2.0 - half) and hi[0] == pytest.approx(2.0 + half)
+    assert lo[1] == hi[1] == 2.0
+
+
+@pytest.mark.parametrize("lo, hi, paper, expected", [
+    (-1.0, -0.2, -0.65, stats.REPRODUCED),
+    (0.2, 1.0, -0.65, stats.CONTRADICTED),
+    (-0.5, 0.3, -0.65, stats.NOT_RESOLVED),
+    (0.1, 0.4, 1.2, stats.REPRODUCED),
+    (None, None, -0.65, stats.NOT_RESOLVED),
+])
+def test_verdict_rule(lo, hi, paper, expected):
+    diff = stats.Difference(0.0 if lo is None else (lo + hi) / 2, lo, hi, 4.0, 3, 3)
+    assert stats.verdict(diff, paper) == expected
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def test_plan_dedupes_the_baseline_across_studies():
+    preset = get_preset("cpu")
+    runs = build_plan("all", preset)
+    ids = [r.run_id for r in runs]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    baseline = [r for r in runs if ("fig7", "baseline") in r.members]
+    assert len(baseline) == 1 and baseline[0].seed == 0
+    assert {"fig6a", "fig6b", "fig7"} <= {s for s, _ in baseline[0].members}
+    # fig6a: 2 variants x 3 seeds, fig6b: 3 x 3 sharing the 3 baseline seeds, fig5: 4 widths sharing 0.35
+    assert len(runs) == 6 + 6 + 3
+    groups = {r.group_id for r in runs}
+    assert all(r.run_id == f"{r.group_id}-s{r.seed}" for r in runs) and len(groups) == 7
+    assert [r.run_id for r in build_plan("all", preset)] == ids  # deterministic
+    assert len(build_plan("fig6a", preset, seeds=5)) == 10
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7, 20])
+def test_shards_partition_the_runs_exactly(count):
+    runs = build_plan("all", get_preset("cpu"))
+    parts = [shard(runs, i, count) for i in range(1, count + 1)]
+    flat = [r.run_id for part in parts for r in part]
+    assert sorted(flat) == sorted(r.run_id for r in runs)
+    assert len(flat) == len(set(flat))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "1/0", "x", "1-2", "-1/2", ""])
+def test_bad_shard_specs(text):
+    with pytest.raises(UsageError):
+        parse_shard(text)
+    assert parse_shard(" 2/5 ") == (2, 5)
+
+
+# ------------------------------------------------------------------------------------------ fake trainer
+
+EFFECTS = {"relu6": -0.03, "expansion": -0.015, "none": -0.045}
+
+
+def _fake_accuracy(cfg) -> float:
+    effect = EFFECTS.get(cfg.bottleneck_activation, 0.0) + EFFECTS.get(cfg.residual, 0.0)
+    return 0.90 + effect + 0.04 * (cfg.width - 0.35) + 0.002 * ((cfg.seed * 7) % 3 - 1)
+
+
+def _write_fake_run(cfg, run_dir: Path) -> dict:
+    """A finished run in the trainer's format (records.* writers, the same digest and resolved keys)."""
+    from manifold_lab.train import records
+    from manifold_lab.train.loop import model_config_for
+
+    cfg = cfg.resolved()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = cfg.steps or 3
+    resolved = {"total_steps": steps, "steps_per_epoch": 44, "num_classes": 10, "image_shape": [32, 32, 1]}
+    records.write_config(run_dir, cfg.to_dict(), resolved,
+                         dataclasses.asdict(model_config_for(cfg, 10, 1)), {})
+    final = _fake_accuracy(cfg)
+    lines = [{"step": s, "epoch": s / 44, "loss": 1.0 / s, "train_accuracy": 0.5, "learning_rate": 0.045,
+              "images_per_second": 100.0, "test_accuracy": final - 0.1 * (steps - s) / steps, "test_loss": 0.5}
+             for s in range(1, steps + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "checkpoints" / str(steps)).mkdir(parents=True, exist_ok=True)
+    summary = {"final_test_accuracy": final, "final_test_loss": 0.5, "steps": steps, "epochs": steps / 44,
+               "wall_time_s": 1.0, "train_images_per_second": 100.0, "params": 1,
+               "config_sha256": records.config_digest(cfg.to_dict())}
+    records.write_summary(run_dir, summary)
+    return summary
+
+
+class FakeTrainer:
+    """Counts calls; writes complete runs."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[int, ...], bool]] = []
+
+    def train(self, cfg, run_dir, resume=False, **_):
+        run_dir = Path(run_dir)
+        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"{run_dir} already holds a run")
+        self.calls.append(("train", (cfg.seed,), resume))
+        return _write_fake_run(cfg, run_dir)
+
+    def train_seeds(self, cfg, seeds, run_dirs, resume=False, **_):
+        self.calls.append(("train_seeds", tuple(seeds), resume))
+        return [_write_fake_run(cfg.replace(seed=s), Path(d)) for s, d in zip(seeds, run_dirs)]
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    import manifold_lab.train as trainer
+    fake = FakeTrainer()
+    monkeypatch.setattr(trainer, "train", fake.train)
+    monkeypatch.setattr(trainer, "train_seeds", fake.train_seeds)
+    return fake
+
+
+def _run(argv, capsys):
+    from ablations.run import main
+    code = run_main(main, argv, prog="python -m ablations.run")
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _status(root: Path, run) -> str:
+    return run_status(root / run.run_id, run.expected_config())[0]
+
+
+def test_runner_trains_missing_runs_once_and_resume_skips_finished(tmp_path, capsys, fake_trainer):
+    code, out, _ = _run(["all", "--preset", "smoke", "--out", str(tmp_path)], capsys)
+    assert code == 0, out
+    runs = build_plan("all", get_preset("smoke"))
+    assert len(fake_trainer.calls) == len(runs) == 4  # the baseline shared by four studies trains once
+    root = preset_dir(tmp_path, get_preset("smoke"))
+    assert all(_status(root, r) == DONE for r in runs)
+    assert "[4/4]" in out and "training" in out
+    fake_trainer.calls.clear()
+    code, out, _ = _run(["all", "--preset", "smoke", "--out", str(tmp_path)], capsys)
+    assert code == 0 and fake_trainer.calls == [] and out.count("done, skipped") == 4
+
+
+def test_runner_uses_multi_seed_training_per_configuration(tmp_path, capsys, fake_trainer):
+    code, _, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert sorted(fake_trainer.calls) == [("train_seeds", (0, 1, 2), False)] * 2
+    # one seed of a group lost: only that seed is retrained, alone
+    root = preset_dir(tmp_path, get_preset("smoke"))
+    victim = build_plan("fig6a", get_preset("smoke"), seeds=3)[1]
+    shutil.rmtree(root / victim.run_id)
+    fake_trainer.calls.clear()
+    assert _run(["fig6a", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path)], capsys)[0] == 0
+    assert fake_trainer.calls == [("train", (victim.seed,), False)]
+
+
+def test_multi_seed_refusal_falls_back_to_one_run_per_seed(tmp_path, capsys, fake_trainer, monkeypatch):
+    import manifold_lab.train as trainer
+
+    def refuse(cfg, seeds, run_dirs, **_):
+        for d in run_dirs:  # the real engine creates the directories before refusing
+            Path(d).mkdir(parents=True, exist_ok=True)
+        raise UsageError("multi-seed training needs an in-memory dataset (not imagefolder)")
+    monkeypatch.setattr(trainer, "train_seeds", refuse)
+    code, out, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "one by one" in out
+    assert sorted(fake_trainer.calls) == [("train", (0,), False), ("train", (0,), False),
+                                          ("train", (1,), False), ("train", (1,), False)]
+    assert not (tmp_path / "smoke" / "_quarantine").exists()
+
+
+def test_corrupt_and_partial_runs_are_detected_and_rerun(tmp_path, capsys, fake_trainer):
+    preset = get_preset("smoke")
+    assert _run(["fig6b", "--preset", preset.name, "--out", str(tmp_path)], capsys)[0] == 0
+    root = preset_dir(tmp_path, preset)
+    a, b, c = build_plan("fig6b", preset)
+    # a: a garbage metrics line; b: config.json edited (another width); c: killed before the summary
+    with open(root / a.run_id / "metrics.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    cfg = json.loads((root / b.run_id / "config.json").read_text())
+    cfg["width"] = 0.5
+    (root / b.run_id / "config.json").write_text(json.dumps(cfg))
+    (root / c.run_id / "summary.json").unlink()
+    assert [_status(root, r) for r in (a, b, c)] == [CORRUPT, CORRUPT, PARTIAL]
+    code, out, _ = _run(["fig6b", "--preset", preset.name, "--out", str(tmp_path), "--dry-run"], capsys)
+    statuses = {line.split("\t")[0]: line.split("\t")[-1] for line in out.splitlines()}
+    assert statuses == {a.run_id: CORRUPT, b.run_id: CORRUPT, c.run_id: PARTIAL}
+    fake_trainer.calls.clear()
+    assert _run(["fig6b", "--preset", preset.name, "--out", str(tmp_path)], capsys)[0] == 0
+    assert sorted(fake_trainer.calls) == [("train", (0,), False), ("train", (0,), False), ("train", (0,), True)]
+    assert all(_status(root, r) == DONE for r in (a, b, c))
+    assert len(list((root / "_quarantine").iterdir())) == 2  # corrupt runs kept aside, never read
+    # no summary and no checkpoint: restarted from scratch, not resumed
+    (root / a.run_id / "summary.json").unlink()
+    shutil.rmtree(root / a.run_id / "checkpoints")
+    assert _status(root, a) == CORRUPT
+    fake_trainer.calls.clear()
+    assert _run(["fig6b", "--preset", preset.name, "--out", str(tmp_path)], capsys)[0] == 0
+    assert fake_trainer.calls == [("train", (0,), False)]
+
+
+def test_dry_run_lists_one_line_per_run_and_shards_cover_all(tmp_path, capsys, fake_trainer):
+    code, out, err = _run(["all", "--preset", "cpu", "--out", str(tmp_path), "--dry-run"], capsys)
+    assert code == 0 and fake_trainer.calls == []
+    lines = out.splitlines()
+    assert len(lines) == 15 and all(len(line.split("\t")) == 4 and line.endswith("\tmissing") for line in lines)
+    assert "15 runs: 15 missing" in err
+    assert not (tmp_path / "cpu").exists()  # a dry run writes nothing
+    sharded = []
+    for i in (1, 2, 3):
+        code, out, _ = _run(["all", "--preset", "cpu", "--out", str(tmp_path), "--dry-run",
+                             "--shard", f"{i}/3"], capsys)
+        sharded += out.splitlines()
+    assert sorted(sharded) == sorted(lines)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["fig9", "--preset", "smoke"], "unknown study 'fig9'"),
+    (["all", "--preset", "huge"], "unknown preset 'huge'"),
+    (["all", "--preset", "smoke", "--shard", "3/2"], "--shard"),
+    (["all", "--preset", "smoke", "--seeds", "0"], "positive integer"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, capsys):
+    code, out, err = _run([*argv, "--out", str(tmp_path)], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_unreadable_results_folder_exits_2(tmp_path, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    code, _, err = _run(["all", "--preset", "smoke", "--out", str(not_a_dir)], capsys)
+    assert code == 2 and "not a readable directory" in err and len(err.strip().splitlines()) == 1
+    from ablations.figures import main as figures_main
+    for results in (not_a_dir, tmp_path / "absent"):
+        code = run_main(figures_main, ["--results", str(results), "--out", str(tmp_path / "f")], prog="f")
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def test_figures_and_report_from_fake_results(tmp_path, capsys, fake_trainer, monkeypatch):
+    import manifold_lab.train as trainer
+    from ablations import figures
+
+    results, out = tmp_path / "results", tmp_path / "figures"
+    for study, seeds in (("fig6a", "3"), ("fig6b", "1")):
+        assert _run([study, "--preset", "smoke", "--seeds", seeds, "--out", str(results)], capsys)[0] == 0
+    none_run = next(r for r in build_plan("fig6b", get_preset("smoke")) if ("fig6b", "none") in r.members)
+    shutil.rmtree(results / "smoke" / none_run.run_id)
+    # fake runs have no weights: the "trained" model is the trainer's initialisation
+    monkeypatch.setattr(trainer, "restore_model", lambda run_dir, **_: figures.initial_model(Path(run_dir)))
+    code = run_main(figures.main, ["--results", str(results), "--out", str(out)], prog="figures")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    for name in ("fig1_spiral.png", "fig1_theorem1.png", "spiral_metrics.json", "fig6a.png", "fig6b.png",
+                 "fig5.png", "fig7.png", "tables.md", "REPORT.md"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "REPORT.md").read_text()
+    assert report.startswith("<!-- Generated")
+    # fig6a: relu6 is 3 points worse in every seed -> the paper's sign, interval excludes 0
+    assert "| Relu6 in bottleneck − Linear bottleneck | -0.65 | -3.00 [" in report
+    summary = {line.split(" | ")[0]: line.rsplit(" | ", 1)[1] for line in report.splitlines()
+               if line.startswith("| fig6")}
+    assert summary["| fig6a: Relu6 in bottleneck − Linear bottleneck (< 0 in the paper)"] == "reproduced |"
+    # fig6b: one seed of "expansion" gives no interval; "none" was lost and is reported missing
+    assert summary["| fig6b: Shortcut between expansions − Shortcut between bottlenecks (< 0 in the paper)"] \
+        == f"{stats.NOT_RESOLVED} |"
+    assert "| Shortcut between expansions | 70.45 | 88.30 (no CI: 1 seed) | 1 |" in report
+    assert "| No residual | 69.60 | missing | 0 |" in report
+    assert "fig7 (a): step-0 average" in report
+    for line in report.splitlines():  # every table row keeps its column count (no stray pipes)
+        if line.startswith("| fig7") or line.startswith("| Theorem"):
+            assert line.count(" | ") in (1, 2), line
+    tables = (out / "tables.md").read_text()
+    assert "Table 2" in tables and "1600" in tables and "400" in tables
+    assert "MobileNetV1 (1.0), untrained" in tables and "CPU latency" in tables
+    assert "Theorem 1: expected collapsed fraction | reproduced" in report
+
+
+def test_figures_skip_missing_studies_with_a_note(tmp_path, capsys):
+    from ablations import figures
+    results = tmp_path / "results"
+    (results / "smoke").mkdir(parents=True)
+    code = run_main(figures.main, ["--results", str(results), "--out", str(tmp_path / "f")], prog="figures")
+    assert code == 0, capsys.readouterr().err
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    for name in ("fig6a", "fig6b", "fig5"):
+        assert f"no completed runs for {name}" in report
+    assert "no completed baseline run" in report
+    assert not (tmp_path / "f" / "fig6a.png").exists()
+    assert (tmp_path / "f" / "tables.md").exists() and (tmp_path / "f" / "fig1_spiral.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ real smoke
+
+
+def test_real_smoke_preset_end_to_end(tmp_path, capsys):
+    """Every study of the smoke preset through the real trainer, then every figure from its results."""
+    from ablations import figures
+
+    results, out = tmp_path / "results", tmp_path / "figures"
+    code, log, err = _run(["all", "--preset", "smoke", "--out", str(results)], capsys)
+    assert code == 0, log + err
+    preset = get_preset("smoke")
+    runs = build_plan("all", preset)
+    assert all(_status(preset_dir(results, preset), r) == DONE for r in runs)
+    code = run_main(figures.main, ["--results", str(results), "--out", str(out), "--preset", "smoke"],
+                    prog="figures")
+    assert code == 0, capsys.readouterr().err
+    for name in ("fig6a.png", "fig6b.png", "fig5.png", "fig7.png", "tables.md", "REPORT.md"):
+        assert (out / name).exists(), name
+    report = (out / "REPORT.md").read_text()
+    assert "Skipped" not in report
+    assert set(STUDIES) <= {name for name in STUDIES if name in report}
