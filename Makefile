@@ -24,6 +24,8 @@ data:
 
 run: setup data
 	$(BIN)/python -m manifold_lab.spiral --out figures
+	$(BIN)/python -m ablations.run all --preset quick --out results
+	$(BIN)/python -m ablations.figures --preset quick --results results --out figures
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

@@ -17,6 +17,11 @@ Studies
 Presets are functions returning a :class:`Preset` (big_vision's ``get_config`` style); each docstring
 holds the command and the expected result. Change scale there: ``train`` (epochs, width, batch, ...),
 ``seeds`` and ``width_seeds``.
+
+The CPU presets (``smoke``, ``quick``, ``cpu``) lower BatchNorm's running-average decay from the
+paper's 0.997 (tuned for millions of steps) to 0.9 / 0.99: after a few hundred steps 0.997 still
+leaves about half of the initial running statistics in place and evaluation collapses to chance
+(measured: 10% test accuracy after 200 steps on Fashion-MNIST, 70% with 0.9, same weights).
 """
 
 from __future__ import annotations
@@ -178,7 +183,7 @@ def smoke() -> Preset:
     return Preset(
         name="smoke", doc=smoke.__doc__ or "",
         train=_frozen({"model": "mobilenet_v2", "dataset": "digits", "preset": "imagenet", "width": 0.35,
-                       "bottleneck_activation": "linear", "residual": "bottleneck",
+                       "bottleneck_activation": "linear", "residual": "bottleneck", "bn_momentum": 0.9,
                        "steps": 3, "batch_size": 32, "eval_every": 3}),
         seeds=1, width_seeds=1, widths=(0.35,),
         spiral_points=300, spiral_trials=16, fig7_images=32, latency_repeats=3,
@@ -199,7 +204,7 @@ def quick() -> Preset:
     return Preset(
         name="quick", doc=quick.__doc__ or "",
         train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "preset": "imagenet", "width": 0.35,
-                       "bottleneck_activation": "linear", "residual": "bottleneck",
+                       "bottleneck_activation": "linear", "residual": "bottleneck", "bn_momentum": 0.9,
                        "steps": 500, "batch_size": 96, "eval_every": 100}),
         seeds=1, width_seeds=1, widths=(0.35, 1.0),
         spiral_points=2000, spiral_trials=256, fig7_images=256, latency_repeats=30,
@@ -218,7 +223,7 @@ def cpu() -> Preset:
     return Preset(
         name="cpu", doc=cpu.__doc__ or "",
         train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "preset": "imagenet", "width": 0.35,
-                       "bottleneck_activation": "linear", "residual": "bottleneck",
+                       "bottleneck_activation": "linear", "residual": "bottleneck", "bn_momentum": 0.99,
                        "epochs": 3, "batch_size": 96, "eval_every": 250}),
         seeds=3, width_seeds=1,
         spiral_points=2000, spiral_trials=1000, fig7_images=512, latency_repeats=50,
