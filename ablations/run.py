@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
+from manifold_lab.hugepages import reexec_with_hugetlb
 from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, parse_shard, preset_dir,
                             run_status, shard)
 from ablations.studies import PRESETS, STUDIES, Preset, get_preset
@@ -210,4 +211,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugetlb()  # huge pages for XLA's activation buffers (manifold_lab/hugepages.py)
     raise SystemExit(run_main(main, prog="python -m ablations.run"))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from manifold_lab.models.layers import activation, he_normal, pad_amounts
+from manifold_lab.models.layers import batch_norm_act, he_normal, pad_amounts
 
 Array = jax.Array
 
@@ -138,4 +138,4 @@ class DepthwiseBN(nnx.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         y = depthwise_conv(x, self.kernel[...].astype(self.dtype), stride=self.stride,
                            padding=self.padding, impl=self.impl)
-        return activation(self.act)(self.bn(y, use_running_average=not train))
+        return batch_norm_act(self.bn, y, train, self.act)
