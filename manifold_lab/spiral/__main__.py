@@ -5,21 +5,13 @@ one-line message."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from manifold_lab.cli import ArgumentParser, UsageError, run_main
+from manifold_lab.cli import ArgumentParser, UsageError, integer, run_main
 
 PROG = "python -m manifold_lab.spiral"
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def check_out_dir(path: str) -> Path:
@@ -45,12 +37,12 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(prog=PROG, description="ReLU on low-dimensional manifolds (MobileNetV2 Fig. 1, "
                        "Appendix A Theorem 1).")
-    p.add_argument("--dims", type=_int, nargs="+", default=list(DEFAULT_DIMS),
+    p.add_argument("--dims", type=integer, nargs="+", default=list(DEFAULT_DIMS),
                    help="expansion widths n (default: %(default)s)")
-    p.add_argument("--points", type=_int, default=2000, help="points on the manifold (default: %(default)s)")
-    p.add_argument("--trials", type=_int, default=1000,
+    p.add_argument("--points", type=integer, default=2000, help="points on the manifold (default: %(default)s)")
+    p.add_argument("--trials", type=integer, default=1000,
                    help="independent draws of T per n (default: %(default)s)")
-    p.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=integer, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", default="figures", help="output directory (default: %(default)s/)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
     p.add_argument("--manifold", choices=MANIFOLDS, default="spiral")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from manifold_lab.cli import ArgumentParser, positive_int, run_main
+from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_int, run_main
 from manifold_lab.hugepages import reexec_with_hugetlb
 from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS, PADDINGS, PRESETS,
                                         RESIDUAL_PLACEMENTS)
@@ -33,27 +33,10 @@ from manifold_lab.train.records import CONFIG_FILE, read_json
 PROG = "python -m manifold_lab.train"
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
 #: flag -> (TrainConfig field, argparse keyword arguments). Defaults live in TrainConfig.
 _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model", dict(choices=MODEL_NAMES, help="network (default mobilenet_v2)")),
-    "--width": ("width", dict(type=_float, help="width multiplier (default 1.0)")),
+    "--width": ("width", dict(type=number, help="width multiplier (default 1.0)")),
     "--preset": ("preset", dict(choices=PRESETS, help="stride layout: imagenet (224 px) or small "
                                                       "(28-32 px); default by dataset")),
     "--bottleneck-activation": ("bottleneck_activation", dict(choices=BOTTLENECK_ACTIVATIONS,
@@ -61,28 +44,28 @@ _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--residual": ("residual", dict(choices=RESIDUAL_PLACEMENTS, help="shortcut placement (default bottleneck)")),
     "--depthwise-impl": ("depthwise_impl", dict(choices=DEPTHWISE_IMPLS, help="default auto")),
     "--padding": ("padding", dict(choices=PADDINGS, help="conv padding convention (default same)")),
-    "--dropout": ("dropout_rate", dict(type=_float, help="drop probability before the classifier (0.2)")),
-    "--bn-decay": ("bn_momentum", dict(type=_float, help="BatchNorm running-average decay (0.997; the "
+    "--dropout": ("dropout_rate", dict(type=number, help="drop probability before the classifier (0.2)")),
+    "--bn-decay": ("bn_momentum", dict(type=number, help="BatchNorm running-average decay (0.997; the "
                                                         "averages need ~1/(1-decay) steps to settle)")),
     "--compute-dtype": ("compute_dtype", dict(choices=COMPUTE_DTYPES, help="activations (default float32)")),
     "--dataset": ("dataset", dict(help="fashion_mnist (default), digits, cifar10, cifar100, npz, imagefolder")),
     "--data-dir": ("data_dir", dict(help="dataset location (npz: the file)")),
     "--image-size": ("image_size", dict(type=positive_int, help="resize images to this size")),
-    "--epochs": ("epochs", dict(type=_float, help="training epochs (default 10)")),
+    "--epochs": ("epochs", dict(type=number, help="training epochs (default 10)")),
     "--steps": ("steps", dict(type=positive_int, help="training steps (instead of --epochs)")),
     "--batch-size": ("batch_size", dict(type=positive_int, help="global batch (default 96)")),
     "--optimizer": ("optimizer", dict(choices=OPTIMIZERS, help="paper (RMSProp, default), sgd, adamw")),
-    "--lr": ("lr", dict(type=_float, help="initial learning rate (paper 0.045, sgd 0.1, adamw 1e-3)")),
-    "--weight-decay": ("weight_decay", dict(type=_float, help="paper/sgd 4e-5 (L2), adamw 0.05")),
-    "--lr-decay": ("lr_decay", dict(type=_float, help="paper: decay per epoch (0.98)")),
-    "--momentum": ("momentum", dict(type=_float, help="paper/sgd momentum (0.9)")),
-    "--rmsprop-decay": ("rmsprop_decay", dict(type=_float, help="paper: RMSProp decay (0.9)")),
-    "--rmsprop-eps": ("rmsprop_eps", dict(type=_float, help="paper: RMSProp epsilon (1.0, TF-Slim)")),
-    "--warmup-steps": ("warmup_steps", dict(type=_nonneg_int, help="linear warm-up steps (0)")),
-    "--label-smoothing": ("label_smoothing", dict(type=_float, help="default 0 (authors' code: 0.1)")),
-    "--ema": ("ema_decay", dict(type=_float, metavar="DECAY",
+    "--lr": ("lr", dict(type=number, help="initial learning rate (paper 0.045, sgd 0.1, adamw 1e-3)")),
+    "--weight-decay": ("weight_decay", dict(type=number, help="paper/sgd 4e-5 (L2), adamw 0.05")),
+    "--lr-decay": ("lr_decay", dict(type=number, help="paper: decay per epoch (0.98)")),
+    "--momentum": ("momentum", dict(type=number, help="paper/sgd momentum (0.9)")),
+    "--rmsprop-decay": ("rmsprop_decay", dict(type=number, help="paper: RMSProp decay (0.9)")),
+    "--rmsprop-eps": ("rmsprop_eps", dict(type=number, help="paper: RMSProp epsilon (1.0, TF-Slim)")),
+    "--warmup-steps": ("warmup_steps", dict(type=nonnegative_int, help="linear warm-up steps (0)")),
+    "--label-smoothing": ("label_smoothing", dict(type=number, help="default 0 (authors' code: 0.1)")),
+    "--ema": ("ema_decay", dict(type=number, metavar="DECAY",
                                 help="evaluate an EMA of the weights (authors' code: 0.9999)")),
-    "--seed": ("seed", dict(type=_nonneg_int, help="random seed (default 0)")),
+    "--seed": ("seed", dict(type=nonnegative_int, help="random seed (default 0)")),
     "--eval-every": ("eval_every", dict(type=positive_int, help="steps between evaluations (one epoch)")),
     "--log-every": ("log_every", dict(type=positive_int, help="steps between log lines (50)")),
     "--checkpoint-every": ("checkpoint_every", dict(type=positive_int, help="steps between checkpoints "
@@ -113,7 +96,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--quiet", action="store_true", default=False, help="no progress output")
     parser.add_argument("--coordinator-address", default=None, help="multi-host: jax.distributed coordinator host:port")
     parser.add_argument("--num-processes", type=positive_int, default=None, help="multi-host: number of processes")
-    parser.add_argument("--process-id", type=_nonneg_int, default=None, help="multi-host: this process's index")
+    parser.add_argument("--process-id", type=nonnegative_int, default=None, help="multi-host: this process's index")
     return parser
 
 
