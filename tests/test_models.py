@@ -178,6 +178,38 @@ def test_weight_decay_mask():
     assert changed == set(decayed)
 
 
+# ---------------------------------------------------------------- fused BatchNorm + activation
+
+@pytest.mark.parametrize("act", ["linear", "relu6", "relu"])
+def test_fused_batch_norm_gradient_equals_autodiff(act):
+    """The hand-written VJP of training-mode BatchNorm + activation equals autodiff of the textbook
+    composite (biased batch variance) for the input, scale and bias; the running averages move by
+    (1 - decay) towards the batch statistics."""
+    from manifold_lab.models.layers import activation, batch_norm_act
+    kx, ks, kb, kw = jax.random.split(jax.random.key(7), 4)
+    x = 3.0 * jax.random.normal(kx, (4, 5, 5, 8)) + 1.0
+    scale, bias = jax.random.normal(ks, (8,)) + 1.0, jax.random.normal(kb, (8,))
+    weights = jax.random.normal(kw, (4, 5, 5, 8))
+
+    def fused(x, scale, bias):
+        bn = nnx.BatchNorm(8, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))
+        bn.scale[...], bn.bias[...] = scale, bias
+        return jnp.sum(batch_norm_act(bn, x, True, act) * weights), (bn.mean[...], bn.var[...])
+
+    def reference(x, scale, bias):
+        mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+        return jnp.sum(activation(act)((x - mean) / jnp.sqrt(var + 1e-3) * scale + bias) * weights)
+
+    (value, (run_mean, run_var)), grads = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(x, scale, bias)
+    ref_value, ref_grads = jax.value_and_grad(reference, (0, 1, 2))(x, scale, bias)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert float(jnp.max(jnp.abs(r))) > 1.0  # a real signal, not zeros
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(run_mean, 0.1 * x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run_var, 0.9 + 0.1 * x.var((0, 1, 2)), rtol=1e-4)
+
+
 # ---------------------------------------------------------------- depthwise forms
 
 @pytest.mark.parametrize("size, stride, padding", list(itertools.product((7, 8), (1, 2), ("same", "symmetric"))))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -293,3 +294,59 @@ def test_vmapped_seeds_match_seeds_run_one_by_one(tmp_path: Path) -> None:
         train(SHORT.replace(seed=seed), tmp_path / f"one{seed}", verbose=False)
         _assert_close_runs(tmp_path / f"one{seed}", vmapped)
     assert load_run(dirs[0])[1][0]["loss"] != load_run(dirs[1])[1][0]["loss"]  # the seeds differ
+
+
+# ----------------------------------------------------------------------------- other data paths and dtypes
+
+def test_bfloat16_compute_trains_with_float32_state(full_run: Path, tmp_path: Path) -> None:
+    """bfloat16 activations end to end: the run completes, its first loss is the float32 run's up to
+    bfloat16 rounding, and parameters, BatchNorm statistics and optimiser state stay float32."""
+    run_dir = tmp_path / "bf16"
+    summary = train(CFG.replace(compute_dtype="bfloat16", steps=3, eval_every=3, checkpoint_every=3),
+                    run_dir, verbose=False)
+    recs = load_run(run_dir)[1]
+    assert [r["step"] for r in recs] == [1, 2, 3] and np.isfinite(summary["final_test_loss"])
+    assert recs[0]["loss"] == pytest.approx(load_run(full_run)[1][0]["loss"], rel=3e-2)
+    assert recs[0]["loss"] != load_run(full_run)[1][0]["loss"]  # really computed in bfloat16
+    saved = ocp.StandardCheckpointer().metadata(run_dir / "checkpoints" / "3" / "default").item_metadata.tree
+    dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(saved)}  # as written, not cast by a template
+    assert dtypes == {"float32", "int32"}  # int32: step counters
+    assert any(key.startswith("opt_state.") for key in saved) and any(key.startswith("params.") for key in saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes (dark and bright noise) of 20x18 PNG/JPEG images in the ImageNet layout."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for c, name in enumerate(("dark", "bright")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 100, (20, 18, 3)) + 150 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_imagefolder_training_end_to_end(tiny_imagefolder: Path, tmp_path: Path) -> None:
+    """The streamed path (Grain workers decode, the device normalises): a run trains, evaluates on
+    the val split, checkpoints and resumes to the same metrics; multi-seed needs in-memory data."""
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tiny_imagefolder), image_size=32, preset="small",
+                      width=0.35, batch_size=4, steps=4, log_every=1, eval_every=2, checkpoint_every=2,
+                      eval_batch_size=8, lr=0.005)
+    full = tmp_path / "full"
+    summary = train(cfg, full, verbose=False)
+    config, recs = load_run(full)
+    assert config["resolved"]["num_classes"] == 2 and config["model_config"]["in_channels"] == 3
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["step"] for r in recs if "test_accuracy" in r] == [2, 4]
+    assert all(np.isfinite(r["loss"]) for r in recs) and 0.0 <= summary["final_test_accuracy"] <= 1.0
+    assert recs[0]["loss"] == pytest.approx(float(np.log(2.0)), abs=0.5)  # two classes, small logits
+    part = tmp_path / "part"
+    train(cfg, part, verbose=False, stop_at_step=2)
+    train(cfg, part, resume=True, verbose=False)
+    assert _strip_timing(load_run(part)[1]) == _strip_timing(recs)
+    with pytest.raises(UsageError, match="in-memory"):
+        train_seeds(cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], verbose=False)
