@@ -23,9 +23,9 @@ data:
 	fi
 
 run: setup data
-	$(BIN)/python -m manifold_lab.spiral --out figures
+	$(BIN)/python -m manifold_lab.spiral --out figures/quick
 	$(BIN)/python -m ablations.run all --preset quick --out results
-	$(BIN)/python -m ablations.figures --preset quick --results results --out figures
+	$(BIN)/python -m ablations.figures --preset quick --results results --out figures/quick
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
