@@ -90,10 +90,12 @@ def test_plan_dedupes_the_baseline_across_studies():
     baseline = [r for r in runs if ("fig7", "baseline") in r.members]
     assert len(baseline) == 1 and baseline[0].seed == 0
     assert {"fig6a", "fig6b", "fig7"} <= {s for s, _ in baseline[0].members}
-    # fig6a: 2 variants x 3 seeds, fig6b: 3 x 3 sharing the 3 baseline seeds, fig5: 4 widths sharing 0.35
-    assert len(runs) == 6 + 6 + 3
+    # fig6a: 2 variants x 3 seeds, fig6b: 3 x 3 sharing the 3 baseline seeds, fig5: its widths
+    # (0.35, 0.5, 1.0) sharing 0.35 with the baseline
+    assert preset.widths == (0.35, 0.5, 1.0)
+    assert len(runs) == 6 + 6 + 2
     groups = {r.group_id for r in runs}
-    assert all(r.run_id == f"{r.group_id}-s{r.seed}" for r in runs) and len(groups) == 7
+    assert all(r.run_id == f"{r.group_id}-s{r.seed}" for r in runs) and len(groups) == 4 + 2
     assert [r.run_id for r in build_plan("all", preset)] == ids  # deterministic
     assert len(build_plan("fig6a", preset, seeds=5)) == 10
 
@@ -262,8 +264,8 @@ def test_dry_run_lists_one_line_per_run_and_shards_cover_all(tmp_path, capsys, f
     code, out, err = _run(["all", "--preset", "cpu", "--out", str(tmp_path), "--dry-run"], capsys)
     assert code == 0 and fake_trainer.calls == []
     lines = out.splitlines()
-    assert len(lines) == 15 and all(len(line.split("\t")) == 4 and line.endswith("\tmissing") for line in lines)
-    assert "15 runs: 15 missing" in err
+    assert len(lines) == 14 and all(len(line.split("\t")) == 4 and line.endswith("\tmissing") for line in lines)
+    assert "14 runs: 14 missing" in err
     assert not (tmp_path / "cpu").exists()  # a dry run writes nothing
     sharded = []
     for i in (1, 2, 3):
