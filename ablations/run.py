@@ -2,7 +2,10 @@
 
 Runs only what is missing: finished runs are skipped, partial ones resumed from their checkpoint
 (clean restart if that fails), corrupt ones moved to ``RESULTS/<preset>/_quarantine/`` and re-run.
-Missing seeds of one configuration are trained together with ``train_seeds`` (one vmapped program).
+Missing seeds of one configuration are trained together with ``train_seeds`` (one vmapped program)
+where that pays: ``--multi-seed auto`` (the default) does so on accelerators and trains the seeds one
+after another on a CPU, where the vmapped program was measured slower (0.85x the images/s of
+sequential runs on 2 cores, ``benchmarks/README.md``); ``on``/``off`` force either.
 ``--shard i/N`` runs the i-th of N contiguous slices of the id-sorted run list (1-based), so a job
 array covers a sweep exactly once; ``--dry-run`` prints one line per run:
 ``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
@@ -65,10 +68,11 @@ def _fmt_summary(summary: object) -> str:
 class Sweep:
     """Executes a list of runs under ``root`` (``RESULTS/<preset>``), reporting progress through ``log``."""
 
-    def __init__(self, runs: Sequence[Run], root: Path, log: Log = _log) -> None:
+    def __init__(self, runs: Sequence[Run], root: Path, log: Log = _log, multi_seed: bool = True) -> None:
         self.runs = list(runs)
         self.root = root
         self.log = log
+        self.multi_seed = multi_seed
         self.failed: list[tuple[str, str]] = []
         self.trained = 0
         self._done = 0
@@ -154,14 +158,23 @@ class Sweep:
                     quarantine(run_dir, self.root, self.log)
             pending.setdefault(run.group_id, []).append(run)
         for group in pending.values():
-            if len(group) >= 2:
+            if len(group) >= 2 and self.multi_seed:
                 for r in group:
                     self.log(f"{self._progress(r)}: training (multi-seed group of {len(group)})")
                 self._train_group(group)
             else:
-                self.log(f"{self._progress(group[0])}: training")
-                self._attempt(group[0], resume=False)
+                for r in group:
+                    self.log(f"{self._progress(r)}: training")
+                    self._attempt(r, resume=False)
         return len(self.failed)
+
+
+def use_multi_seed(choice: str) -> bool:
+    """``--multi-seed``: ``on``, ``off``, or ``auto`` (vmapped seeds on accelerators only)."""
+    if choice == "auto":
+        import jax
+        return jax.default_backend() != "cpu"
+    return choice == "on"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard", default=None, help="run only shard i of N (1-based), e.g. 2/8")
     parser.add_argument("--data-dir", default=None, help="dataset folder (imagefolder/cifar presets)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+    parser.add_argument("--multi-seed", choices=("auto", "on", "off"), default="auto",
+                        help="train a configuration's missing seeds as one vmapped program: auto "
+                             "(default: on accelerators, not on CPU), on, off")
     args = parser.parse_args(argv)
 
     preset = resolve_preset(args.preset)
@@ -201,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
     _log(f"{args.study} --preset {preset.name}{where}: {len(runs)} runs in {root}")
     start = time.perf_counter()
-    sweep = Sweep(runs, root)
+    sweep = Sweep(runs, root, multi_seed=use_multi_seed(args.multi_seed))
     failed = sweep.execute()
     _log(f"trained {sweep.trained} runs in {time.perf_counter() - start:.1f}s; "
          f"{len(runs) - failed} of {len(runs)} complete")

@@ -203,7 +203,8 @@ def test_runner_trains_missing_runs_once_and_resume_skips_finished(tmp_path, cap
 
 
 def test_runner_uses_multi_seed_training_per_configuration(tmp_path, capsys, fake_trainer):
-    code, _, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path)], capsys)
+    code, _, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path),
+                       "--multi-seed", "on"], capsys)
     assert code == 0
     assert sorted(fake_trainer.calls) == [("train_seeds", (0, 1, 2), False)] * 2
     # one seed of a group lost: only that seed is retrained, alone
@@ -211,8 +212,17 @@ def test_runner_uses_multi_seed_training_per_configuration(tmp_path, capsys, fak
     victim = build_plan("fig6a", get_preset("smoke"), seeds=3)[1]
     shutil.rmtree(root / victim.run_id)
     fake_trainer.calls.clear()
-    assert _run(["fig6a", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path)], capsys)[0] == 0
+    assert _run(["fig6a", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path),
+                 "--multi-seed", "on"], capsys)[0] == 0
     assert fake_trainer.calls == [("train", (victim.seed,), False)]
+
+
+def test_runner_trains_seeds_one_by_one_on_cpu_by_default(tmp_path, capsys, fake_trainer):
+    """``--multi-seed auto`` on the CPU backend (the tests' backend) trains each seed alone."""
+    code, out, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "multi-seed group" not in out and "[4/4]" in out
+    assert sorted(fake_trainer.calls) == [("train", (0,), False), ("train", (0,), False),
+                                          ("train", (1,), False), ("train", (1,), False)]
 
 
 def test_multi_seed_refusal_falls_back_to_one_run_per_seed(tmp_path, capsys, fake_trainer, monkeypatch):
@@ -223,7 +233,8 @@ def test_multi_seed_refusal_falls_back_to_one_run_per_seed(tmp_path, capsys, fak
             Path(d).mkdir(parents=True, exist_ok=True)
         raise UsageError("multi-seed training needs an in-memory dataset (not imagefolder)")
     monkeypatch.setattr(trainer, "train_seeds", refuse)
-    code, out, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path)], capsys)
+    code, out, _ = _run(["fig6a", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path),
+                         "--multi-seed", "on"], capsys)
     assert code == 0 and "one by one" in out
     assert sorted(fake_trainer.calls) == [("train", (0,), False), ("train", (0,), False),
                                           ("train", (1,), False), ("train", (1,), False)]

@@ -126,6 +126,7 @@ def test_train_step_reduces_loss_in_one_and_several_steps() -> None:
     mcfg = model_config("mobilenet_v1", width=0.35, preset="small", num_classes=10, in_channels=1,
                         dropout_rate=0.0)
     graphdef, params, stats = nnx.split(build_model(mcfg, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # the engine's state form
     tx, _ = make_optimizer(TrainConfig(lr=0.01).resolved(), steps_per_epoch=100, total_steps=100)
     step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0, 1, 2))
     x = normalize(jnp.asarray(train_data.images[:32]), train_data.mean, train_data.std)

@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state.
 
-The state pytree is saved as a flat dict keyed by dotted paths (``params.blocks.0.bn.bias.value``),
+The state pytree is saved as a flat dict keyed by dotted paths (``params.blocks.0.bn.bias``),
 so checkpoints are self-describing and a mismatch with the current model is reported by name.
 Orbax writes each step into a temporary directory and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind (leftover temporaries are removed on the next open).

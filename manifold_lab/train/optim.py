@@ -13,6 +13,11 @@ defaults to ``opt_epsilon = 1.0``, which is used here (``TrainConfig.rmsprop_eps
 AdamW (decoupled decay on the same mask) with a cosine decay. ``warmup_steps`` prepends a linear
 warm-up to any of them. The initial learning rate lives in the optimiser state (not in the
 compiled program), so learning-rate sweeps reuse one compilation.
+
+The statistics (RMSProp's mean square, the momentum, Adam's moments) run on one flat vector of all
+parameters (``optax.flatten``): the same arithmetic, but one fused kernel instead of a few small ones
+per parameter array (MobileNetV2 has ~160), which on a CPU is dominated by per-kernel overhead
+(measured: 9% faster training steps at width 0.35, 28 px, batch 96).
 """
 
 from __future__ import annotations
@@ -71,19 +76,18 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, bas
     schedule = unit_schedule(cfg, steps_per_epoch, total_steps)
     lr = scale_by_learning_rate(schedule, cfg.lr if base_lr is None else base_lr)
     wd = float(cfg.weight_decay)
+    l2 = optax.add_decayed_weights(wd, mask=weight_decay_mask)
     if cfg.optimizer == "paper":
-        tx = optax.chain(
-            optax.add_decayed_weights(wd, mask=weight_decay_mask),
+        tx = optax.chain(l2, optax.flatten(optax.chain(
             optax.scale_by_rms(decay=cfg.rmsprop_decay, eps=cfg.rmsprop_eps, initial_scale=1.0,
                                eps_in_sqrt=True),
             lr,
             optax.trace(decay=cfg.momentum),
-        )
+        )))
     elif cfg.optimizer == "sgd":  # = optax.sgd(momentum) after the L2 term
-        tx = optax.chain(optax.add_decayed_weights(wd, mask=weight_decay_mask),
-                         optax.trace(decay=cfg.momentum), lr)
+        tx = optax.chain(l2, optax.flatten(optax.chain(optax.trace(decay=cfg.momentum), lr)))
     elif cfg.optimizer == "adamw":  # = optax.adamw with the mask
-        tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(wd, mask=weight_decay_mask), lr)
+        tx = optax.chain(optax.flatten(optax.scale_by_adam()), l2, lr)
     else:  # TrainConfig validates the name
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     return tx, schedule

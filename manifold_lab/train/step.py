@@ -48,7 +48,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Callab
     def loss_fn(params, batch_stats, images, labels, dropout_key):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         logits = model(images, train=True, dropout_key=dropout_key)
-        new_stats = nnx.state(model, nnx.BatchStat)
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return jnp.mean(cross_entropy(logits, labels, label_smoothing)), (logits, new_stats)
     return jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -68,7 +68,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def init_state(params: nnx.State, batch_stats: nnx.State, tx: optax.GradientTransformation,
+def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,
                use_ema: bool) -> TrainState:
     """The train state at step 0."""
     zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers (they are donated)
@@ -84,8 +84,8 @@ def init_state(params: nnx.State, batch_stats: nnx.State, tx: optax.GradientTran
 
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point value of ``tree`` is finite (a scalar bool)."""
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(flags))
+    floats = [x.ravel() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.isfinite(jnp.concatenate(floats)))  # one kernel, not one reduction per array
 
 
 def reset_sums(state: TrainState) -> TrainState:
