@@ -26,7 +26,7 @@ from manifold_lab.models import (
     resolve_impl,
     weight_decay_mask,
 )
-from manifold_lab.models.config import BottleneckStage
+from manifold_lab.models.config import PRESETS, BottleneckStage
 
 
 def abstract(cfg) -> nnx.Module:
@@ -102,6 +102,16 @@ def test_small_preset_ends_at_4x4(size, padding):
     assert acts["stem"].shape[1:3] == (size, size)
     assert acts["head"].shape == (3, 4, 4, 1280)
     assert acts["logits"].shape == (3, 10)
+
+
+def test_stem1_preset_ends_at_2x2_at_28px():
+    """Only the stem runs at stride 1: 28 -> 28 (stem) -> 14 -> 7 -> 4 -> 2; same parameters."""
+    kw = dict(width=0.35, num_classes=10, in_channels=1)
+    acts = abstract_acts(model_config("mobilenet_v2", preset="stem1", **kw), 28, batch=2)
+    assert acts["stem"].shape[1:3] == (28, 28)
+    assert acts["head"].shape == (2, 2, 2, 1280)
+    counts = [count_params(abstract(model_config("mobilenet_v2", preset=p, **kw)))["params"] for p in PRESETS]
+    assert counts == [counts[0]] * len(PRESETS) == [408_650] * len(PRESETS)
 
 
 def test_residual_switch_keeps_parameters_and_counts_shortcuts():

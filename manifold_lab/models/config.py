@@ -14,13 +14,16 @@ BottleneckActivation = Literal["linear", "relu6", "relu"]
 ResidualPlacement = Literal["bottleneck", "expansion", "none"]
 DepthwiseImpl = Literal["auto", "xla", "shift"]
 Padding = Literal["same", "symmetric"]
-Preset = Literal["imagenet", "small"]
+Preset = Literal["imagenet", "small", "stem1"]
 
 BOTTLENECK_ACTIVATIONS: tuple[str, ...] = ("linear", "relu6", "relu")
 RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "none")
 DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
-PRESETS: tuple[str, ...] = ("imagenet", "small")
+#: Stride layouts: ``imagenet`` (Table 2), ``small`` (the stem and the first stride-2 stage at stride
+#: 1: 32 or 28 px end at 4x4, 16x the activations of ``imagenet``), ``stem1`` (only the stem at
+#: stride 1: 28 px ends at 2x2, 4x the activations).
+PRESETS: tuple[str, ...] = ("imagenet", "small", "stem1")
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
