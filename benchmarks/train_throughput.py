@@ -135,6 +135,7 @@ def ours_infer(case: Case) -> Callable[[], None]:
     """A closure running one jitted inference forward pass (eval mode)."""
     model = build_model(case.config(), rngs=nnx.Rngs(0))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # as the engine's evaluation
     fwd = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s)(x, train=False))
     x = jax.random.normal(jax.random.key(0), (case.batch, case.size, case.size, 3), jnp.float32)
     def run() -> None:
