@@ -57,7 +57,7 @@ from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main 
 from manifold_lab.models import MobileNetV2Config, build_model, model_config  # noqa: E402
 from manifold_lab.train.config import TrainConfig  # noqa: E402
 from manifold_lab.train.optim import make_optimizer  # noqa: E402
-from manifold_lab.train.step import make_train_step  # noqa: E402
+from manifold_lab.train.step import make_train_step, split_state  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -115,8 +115,7 @@ def measure(step: Callable[[], Any], batch: int, warmup: int, repeats: int, budg
 def ours_train(case: Case) -> Callable[[], None]:
     """A closure running one step of the project's jitted, donated train step."""
     model = build_model(case.config(), rngs=nnx.Rngs(0))
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # as the engine holds them
+    graphdef, params, stats = split_state(model)  # the engine's state form
     tx, _ = make_optimizer(TrainConfig(dataset="imagefolder").resolved(), 1000, 10000)
     step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0, 1, 2))
     kx, kd = jax.random.split(jax.random.key(0))
@@ -134,8 +133,7 @@ def ours_train(case: Case) -> Callable[[], None]:
 def ours_infer(case: Case) -> Callable[[], None]:
     """A closure running one jitted inference forward pass (eval mode)."""
     model = build_model(case.config(), rngs=nnx.Rngs(0))
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # as the engine's evaluation
+    graphdef, params, stats = split_state(model)  # the engine's state form
     fwd = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s)(x, train=False))
     x = jax.random.normal(jax.random.key(0), (case.batch, case.size, case.size, 3), jnp.float32)
     def run() -> None:

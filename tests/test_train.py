@@ -32,7 +32,7 @@ from manifold_lab.train import records
 from manifold_lab.train.__main__ import main as cli_main
 from manifold_lab.train.checkpoint import Checkpointer
 from manifold_lab.train.optim import make_optimizer
-from manifold_lab.train.step import make_train_step
+from manifold_lab.train.step import make_train_step, split_state
 
 REPO = Path(__file__).resolve().parents[1]
 # lr 0.005: smooth dynamics, so float-level differences (sharding, vmap) stay float-level
@@ -125,8 +125,7 @@ def test_train_step_reduces_loss_in_one_and_several_steps() -> None:
     train_data, _ = load_dataset("digits", image_size=16)
     mcfg = model_config("mobilenet_v1", width=0.35, preset="small", num_classes=10, in_channels=1,
                         dropout_rate=0.0)
-    graphdef, params, stats = nnx.split(build_model(mcfg, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # the engine's state form
+    graphdef, params, stats = split_state(build_model(mcfg, rngs=nnx.Rngs(0)))
     tx, _ = make_optimizer(TrainConfig(lr=0.01).resolved(), steps_per_epoch=100, total_steps=100)
     step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0, 1, 2))
     x = normalize(jnp.asarray(train_data.images[:32]), train_data.mean, train_data.std)

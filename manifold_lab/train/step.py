@@ -43,6 +43,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def split_state(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
+    """``(graphdef, params, batch_stats)`` of ``model``, the states as pure dicts of arrays, the
+    engine's state form: JAX flattens dicts in C++, whereas each ``nnx.Variable`` leaf costs a Python
+    call on every jitted call (~580 leaves with the optimiser state; an identity jit of a width-0.35
+    model's parameters and statistics measured 4.4 ms with Variables against 1.0 ms as pure dicts).
+    TypeError if the model holds other state."""
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError("the model holds state other than nnx.Param and nnx.BatchStat")
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
 def make_grad_fn(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Callable:
     """Loss, logits, updated BatchNorm statistics and parameter gradients of one training batch."""
     def loss_fn(params, batch_stats, images, labels, dropout_key):
