@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh Debian machine with Python 3.11:
-#   make run    -- create .venv, install the package, install Fashion-MNIST, run the main job
+#   make run    -- create .venv, install the package, install Fashion-MNIST and jemalloc, run the main job
 #   make test   -- create .venv, install the package with its dev extra, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,10 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Debian packages: the default data set, and jemalloc (manifold_lab/allocator.py; optional, faster
+# training: without it the entry points fall back to glibc huge pages)
 data:
-	@if [ ! -d "$(FASHION_MNIST_DIR)" ]; then \
-	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	@if [ ! -d "$(FASHION_MNIST_DIR)" ] || [ ! -e /usr/lib/$$(uname -m)-linux-gnu/libjemalloc.so.2 ]; then \
+	  echo "installing Debian packages dataset-fashion-mnist and libjemalloc2"; \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist libjemalloc2; \
 	fi
 
 run: setup data

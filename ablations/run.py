@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
-from manifold_lab.hugepages import reexec_with_hugetlb
+from manifold_lab.allocator import reexec_with_allocator
 from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, parse_shard, preset_dir,
                             run_status, shard)
 from ablations.studies import PRESETS, STUDIES, Preset, get_preset
@@ -227,5 +227,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_hugetlb()  # huge pages for XLA's activation buffers (manifold_lab/hugepages.py)
+    reexec_with_allocator()  # jemalloc or huge pages under XLA's buffers (manifold_lab/allocator.py)
     raise SystemExit(run_main(main, prog="python -m ablations.run"))

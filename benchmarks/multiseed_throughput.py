@@ -6,8 +6,8 @@ Each mode runs in a fresh subprocess (so each pays its own compilation, as a sep
 included) and the steady-state throughput over all seeds, read from the runs' ``metrics.jsonl``
 (images between the first and the second-to-last log line divided by the time between them, so
 compilation, the first interval and the final evaluation are excluded). Ratios are multi-seed / sequential (above 1: the vmapped
-program is faster). Medians of the repeats, with the spread. The script re-executes itself with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` first, so both modes run with huge pages.
+program is faster). Medians of the repeats, with the spread. The script re-executes itself under the
+project's allocator first (:mod:`manifold_lab.allocator`), so both modes run with it.
 
     .venv/bin/python benchmarks/multiseed_throughput.py [--seeds 3] [--steps 300] [--width 0.35]
         [--batch-size 96] [--repeats 2] [--json PATH]
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from manifold_lab.atomic import atomic_write_json
 from manifold_lab.cli import ArgumentParser, positive_int, run_main
-from manifold_lab.hugepages import reexec_with_hugetlb
+from manifold_lab.allocator import reexec_with_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,5 +117,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_hugetlb()  # both modes' subprocesses inherit the huge-page setting
+    reexec_with_allocator()  # both modes' subprocesses inherit the allocator setting
     raise SystemExit(run_main(main, prog="benchmarks/multiseed_throughput.py"))

@@ -17,9 +17,9 @@ equivalent module in ``benchmarks/torch_mobilenet_v2.py``, eager NCHW, eager cha
 
 Each figure is ``batch / median`` step time over ``--repeats`` steps after ``--warmup`` steps
 (compilation included in the first; fewer timed steps once they take ``--budget`` seconds), with the
-spread (images/s of the slowest and fastest step). The script re-executes itself once with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (see :mod:`manifold_lab.hugepages`; it applies to every
-framework in the run; ``MANIFOLD_LAB_NO_HUGETLB=1`` measures without).
+spread (images/s of the slowest and fastest step). The script re-executes itself once under
+jemalloc (or glibc huge pages where jemalloc is not installed; see :mod:`manifold_lab.allocator`). It
+applies to every framework in the run; ``MANIFOLD_LAB_ALLOCATOR=system`` measures without.
 Ratios are ours / the fastest peer (above 1: ours is faster). The 1-minute load average is printed
 with every figure: other processes on the machine make numbers noisy.
 
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import os
 
-from manifold_lab.hugepages import reexec_with_hugetlb
+from manifold_lab.allocator import reexec_with_allocator
 
-reexec_with_hugetlb()  # before JAX allocates anything; MANIFOLD_LAB_NO_HUGETLB=1 measures without
+reexec_with_allocator()  # before JAX allocates anything; MANIFOLD_LAB_ALLOCATOR=system measures without
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                    "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", "")},
         "repeats": repeats, "warmup": warmup, "cases": {}}
     print(f"JAX {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; images/s, median "
           f"(slowest-fastest step) of {repeats} after {warmup} warm-up; load = 1-min load average")

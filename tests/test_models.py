@@ -220,6 +220,32 @@ def test_fused_batch_norm_gradient_equals_autodiff(act):
     np.testing.assert_allclose(run_var, 0.9 + 0.1 * x.var((0, 1, 2)), rtol=1e-4)
 
 
+def test_pointwise_matmul_equals_convolution():
+    """ConvBN computes 1x1 stride-1 convolutions as a [pixels, channels] matmul; its output and both
+    gradients (input and kernel) equal XLA's convolution."""
+    from manifold_lab.models.layers import ConvBN
+    layer = ConvBN(6, 10, kernel_size=1, rngs=nnx.Rngs(3))
+    kx, kg = jax.random.split(jax.random.key(11))
+    x, cot = jax.random.normal(kx, (3, 5, 7, 6)), jax.random.normal(kg, (3, 5, 7, 10))
+
+    def matmul(x, kernel):
+        inner = ConvBN(6, 10, kernel_size=1, rngs=nnx.Rngs(0))  # made inside the trace: settable
+        inner.kernel[...] = kernel
+        return inner.conv(x)
+
+    def convolution(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    kernel = layer.kernel[...]
+    results = [jax.vjp(f, x, kernel) for f in (matmul, convolution)]
+    (y, vjp), (y_ref, vjp_ref) = results
+    assert y.shape == (3, 5, 7, 10)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    for g, r in zip(vjp(cot), vjp_ref(cot)):
+        assert float(jnp.max(jnp.abs(r))) > 0.1
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- depthwise forms
 
 @pytest.mark.parametrize("size, stride, padding", list(itertools.product((7, 8), (1, 2), ("same", "symmetric"))))

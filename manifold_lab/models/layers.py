@@ -167,7 +167,10 @@ class ConvBN(nnx.Module):
         """The convolution alone (no BatchNorm, no activation)."""
         kernel = self.kernel[...].astype(self.dtype)
         if self.kernel_size == 1 and self.stride == 1:
-            return jnp.dot(x, kernel[0, 0])
+            # On [pixels, channels]: autodiff's weight gradient then contracts one axis, which XLA:CPU
+            # computes without the transposed copies that contracting (batch, H, W) costs.
+            pixels = x.reshape(-1, x.shape[-1])
+            return jnp.dot(pixels, kernel[0, 0]).reshape(*x.shape[:-1], kernel.shape[-1])
         pads = [pad_amounts(n, self.kernel_size, self.stride, self.padding) for n in x.shape[1:3]]
         return jax.lax.conv_general_dilated(
             x, kernel, (self.stride, self.stride), pads,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_int, run_main
-from manifold_lab.hugepages import reexec_with_hugetlb
+from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS, PADDINGS, PRESETS,
                                         RESIDUAL_PLACEMENTS)
 from manifold_lab.train import sharding
@@ -147,5 +147,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_hugetlb()  # huge pages for XLA's activation buffers (manifold_lab/hugepages.py)
+    reexec_with_allocator()  # jemalloc or huge pages under XLA's buffers (manifold_lab/allocator.py)
     raise SystemExit(run_main(main, prog=PROG))
