@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
 from manifold_lab.allocator import reexec_with_allocator
+from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
 from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, parse_shard, preset_dir,
                             run_status, shard)
 from ablations.studies import PRESETS, STUDIES, Preset, get_preset

@@ -218,9 +218,9 @@ def cpu() -> Preset:
     on 2 CPU cores.
 
     Command: ``python -m ablations.run all --preset cpu && python -m ablations.figures --preset cpu``
-    Expected: 46 minutes (seeds trained one after another, ``--multi-seed auto``); baseline (linear
-    bottleneck, bottleneck shortcuts) 86.8% test accuracy, 95% interval [85.2, 88.4] over 3 seeds,
-    after 4 epochs. That is below the issue's 90% target, which this network at 28 px does not reach
+    Expected: 31 minutes (training 30 min 40 s with seeds one after another, ``--multi-seed auto``,
+    under jemalloc; figures 42 s); baseline (linear bottleneck, bottleneck shortcuts) 87.1% test
+    accuracy, 95% interval [86.7, 87.5] over 3 seeds, after 4 epochs. That is below the issue's 90% target, which this network at 28 px does not reach
     within the budget (README, Training); REPORT.md gives 95% intervals over 3 seeds and a verdict
     per claim.
 
@@ -230,8 +230,8 @@ def cpu() -> Preset:
     rate, with a per-epoch decay of 0.7 instead of 0.98 so that the rate anneals within the short
     schedule (one seed-0 run: 87.8% after 6 epochs); BatchNorm decay 0.99.
     The ``stem1`` layout (stem at stride 1) reaches 88.9% after 4 epochs, but at 3.5x the time per
-    image. The ``small`` layout reaches 86% in one epoch, but at ~180 img/s. Both are too slow for 14
-    runs in an hour on 2 cores.
+    image. The ``small`` layout reaches 86% in one epoch, but at ~180 img/s (an earlier engine). Both
+    are too slow for 14 runs in an hour on 2 cores.
     Scale knobs: ``epochs``, ``width``, ``widths`` below.
     """
     return Preset(

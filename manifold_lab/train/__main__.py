@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_int, run_main
 from manifold_lab.allocator import reexec_with_allocator
+from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_int, run_main
 from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS, PADDINGS, PRESETS,
                                         RESIDUAL_PLACEMENTS)
 from manifold_lab.train import sharding
