@@ -231,7 +231,7 @@ def cpu() -> Preset:
     steps, 25.6% test accuracy with them against 56.8% without); the paper's RMSProp and learning
     rate, with a per-epoch decay of 0.7 instead of 0.98 so that the rate anneals within the short
     schedule (one seed-0 run: 87.8% after 6 epochs); BatchNorm decay 0.99.
-    The ``stem1`` layout (stem at stride 1) reaches 88.9% after 4 epochs, but at 3.5x the time per
+    The ``stem1`` layout (stem at stride 1) reaches 88.9% after 4 epochs, but at 3.4x the time per
     image. The ``small`` layout reaches 86% in one epoch, but at ~180 img/s (an earlier engine). Both
     are too slow for 14 runs in an hour on 2 cores.
     Scale knobs: ``epochs``, ``width``, ``widths`` below.
