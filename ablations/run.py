@@ -6,13 +6,15 @@ Missing seeds of one configuration are trained together with ``train_seeds`` (on
 where that pays: ``--multi-seed auto`` (the default) does so on accelerators and trains the seeds one
 after another on a CPU, where the vmapped program was measured slower (0.85x the images/s of
 sequential runs on 2 cores, ``benchmarks/README.md``); ``on``/``off`` force either.
-``--shard i/N`` runs the i-th of N contiguous slices of the id-sorted run list (1-based), so a job
+``--workers`` trains runs side by side in child processes, each pinned to its own CPU cores
+(:mod:`ablations.workers`; by default one per core on a CPU). ``--shard i/N`` runs the i-th of N contiguous slices of the id-sorted run list (1-based), so a job
 array covers a sweep exactly once; ``--dry-run`` prints one line per run:
 ``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -25,6 +27,8 @@ from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main,
 from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, parse_shard, preset_dir,
                             run_status, shard)
 from ablations.studies import PRESETS, STUDIES, Preset, get_preset
+from ablations.workers import (WorkerPool, cpu_groups, describe_summary, parse_cpus, pin_to_cpus,
+                               usable_cpus)
 
 Log = Callable[[str], None]
 
@@ -59,12 +63,6 @@ def quarantine(run_dir: Path, root: Path, log: Log) -> Path:
     return target
 
 
-def _fmt_summary(summary: object) -> str:
-    if isinstance(summary, dict) and "final_test_accuracy" in summary:
-        return f"test accuracy {100 * float(summary['final_test_accuracy']):.2f}%"
-    return "finished"
-
-
 class Sweep:
     """Executes a list of runs under ``root`` (``RESULTS/<preset>``), reporting progress through ``log``."""
 
@@ -95,7 +93,7 @@ class Sweep:
         summary = trainer.train(run.train_config(), self.root / run.run_id, resume=resume)
         self.trained += 1
         if self._verify(run):
-            self.log(f"  done {run.run_id} in {time.perf_counter() - start:.1f}s: {_fmt_summary(summary)}")
+            self.log(f"  done {run.run_id} in {time.perf_counter() - start:.1f}s: {describe_summary(summary)}")
 
     def _attempt(self, run: Run, resume: bool) -> None:
         """Train one run; a non-usage failure is recorded and the sweep goes on."""
@@ -131,7 +129,7 @@ class Sweep:
         for r, summary in zip(group, summaries):
             if self._verify(r):
                 self.log(f"  done {r.run_id} (seed {r.seed}, {len(group)} seeds in {elapsed:.1f}s): "
-                         f"{_fmt_summary(summary)}")
+                         f"{describe_summary(summary)}")
 
     def execute(self) -> int:
         """Run everything that is not done; returns the number of failed runs."""
@@ -177,6 +175,36 @@ def use_multi_seed(choice: str) -> bool:
     return choice == "on"
 
 
+def resolve_workers(choice: str, pending: int) -> int:
+    """``--workers``: ``auto`` (one per usable CPU core on a CPU backend, at most one per pending
+    run; 1 on accelerators) or a count, at most the usable cores (else :class:`UsageError`)."""
+    cores = len(usable_cpus())
+    if choice == "auto":
+        import jax
+        return max(1, min(cores, pending)) if jax.default_backend() == "cpu" else 1
+    try:
+        workers = int(choice)
+    except ValueError:
+        raise UsageError(f"--workers must be auto or a positive integer, got {choice!r}") from None
+    if not 1 <= workers <= cores:
+        raise UsageError(f"--workers must be between 1 and the {cores} usable CPU cores, got {workers}")
+    return workers
+
+
+def child_command(args: argparse.Namespace, preset: Preset) -> Callable[[Run, Sequence[int]], list[str]]:
+    """The command line of a worker child that trains one run pinned to ``cpus``."""
+    def command(run: Run, cpus: Sequence[int]) -> list[str]:
+        argv = [sys.executable, "-m", "ablations.run", args.study, "--preset", preset.name,
+                "--out", str(args.out), "--only", run.run_id, "--cpus", ",".join(map(str, cpus)),
+                "--workers", "1", "--multi-seed", "off"]
+        if args.seeds is not None:
+            argv += ["--seeds", str(args.seeds)]
+        if args.data_dir is not None:
+            argv += ["--data-dir", str(args.data_dir)]
+        return argv
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m ablations.run", description=__doc__.splitlines()[0])
     parser.add_argument("study", help=f"all, {', '.join(STUDIES)}")
@@ -190,13 +218,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multi-seed", choices=("auto", "on", "off"), default="auto",
                         help="train a configuration's missing seeds as one vmapped program: auto "
                              "(default: on accelerators, not on CPU), on, off")
+    parser.add_argument("--workers", default="auto",
+                        help="runs trained side by side, each in a child process pinned to its own CPU "
+                             "cores: auto (default: one per core on a CPU, 1 on accelerators) or N")
+    parser.add_argument("--only", action="append", default=None, metavar="RUN_ID",
+                        help="train only this run (repeatable; ids from --dry-run)")
+    parser.add_argument("--cpus", default=None, metavar="LIST",
+                        help="pin this process to these CPU cores, e.g. 0 or 0-3 (what --workers gives "
+                             "its children)")
     args = parser.parse_args(argv)
+    if args.cpus is not None:  # before JAX starts its threads
+        try:
+            pin_to_cpus(parse_cpus(args.cpus))
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"--cpus {args.cpus!r}: {exc}") from None
 
     preset = resolve_preset(args.preset)
     shard_spec = parse_shard(args.shard) if args.shard is not None else None
     runs = build_plan(args.study, preset, seeds=args.seeds, data_dir=args.data_dir)
     if shard_spec is not None:
         runs = shard(runs, *shard_spec)
+    if args.only:
+        unknown = sorted(set(args.only) - {r.run_id for r in runs})
+        if unknown:
+            raise UsageError(f"--only: no run {unknown[0]!r} in this plan (see --dry-run)")
+        runs = [r for r in runs if r.run_id in args.only]
     out = Path(args.out)
     check_readable_dir(out, "results folder")
     root = preset_dir(out, preset)
@@ -217,8 +263,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
     _log(f"{args.study} --preset {preset.name}{where}: {len(runs)} runs in {root}")
     start = time.perf_counter()
-    sweep = Sweep(runs, root, multi_seed=use_multi_seed(args.multi_seed))
-    failed = sweep.execute()
+    pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in runs)
+    workers = resolve_workers(args.workers, pending)
+    if workers > 1:
+        if args.multi_seed == "on":
+            raise UsageError("--multi-seed on trains seeds in one process: use it with --workers 1")
+        _log(f"{workers} workers, one run each at a time")
+        sweep: Sweep | WorkerPool = WorkerPool(root, cpu_groups(workers, usable_cpus()),
+                                               child_command(args, preset), _log)
+        failed = sweep.execute(runs)
+    else:
+        sweep = Sweep(runs, root, multi_seed=use_multi_seed(args.multi_seed))
+        failed = sweep.execute()
     _log(f"trained {sweep.trained} runs in {time.perf_counter() - start:.1f}s; "
          f"{len(runs) - failed} of {len(runs)} complete")
     for rid, why in sweep.failed:

@@ -238,9 +238,9 @@ def cpu() -> Preset:
     """
     return Preset(
         name="cpu", doc=cpu.__doc__ or "",
-        train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "preset": "imagenet", "width": 0.35,
+        train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "preset": "bneck1", "width": 0.35,
                        "bottleneck_activation": "linear", "residual": "bottleneck", "bn_momentum": 0.99,
-                       "augment": False, "lr_decay": 0.7,
+                       "augment": False, "lr_decay": 0.5,
                        "epochs": 4, "batch_size": 96, "eval_every": 625}),
         seeds=3, width_seeds=1, widths=(0.35, 0.5, 1.0),
         spiral_points=2000, spiral_trials=1000, fig7_images=512, latency_repeats=50,

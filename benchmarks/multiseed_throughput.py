@@ -1,13 +1,15 @@
-"""Benchmark: k seeds of one configuration in one vmapped program (``train_seeds``) against the same
-k seeds trained one after another (``train``), through the real training engine on Fashion-MNIST.
+"""Benchmark: k seeds of one configuration in one vmapped program (``train_seeds``), one after another
+(``train``), and side by side in one process per core share, each pinned to its cores (what
+``python -m ablations.run --workers`` does), through the real training engine on Fashion-MNIST.
 
 Each mode runs in a fresh subprocess (so each pays its own compilation, as a separate job would),
 ``--repeats`` times. Reported per mode: wall time of the whole job (process start to summary, compile
 included) and the steady-state throughput over all seeds, read from the runs' ``metrics.jsonl``
 (images between the first and the second-to-last log line divided by the time between them, so
-compilation, the first interval and the final evaluation are excluded). Ratios are multi-seed / sequential (above 1: the vmapped
-program is faster). Medians of the repeats, with the spread. The script re-executes itself under the
-project's allocator first (:mod:`manifold_lab.allocator`), so both modes run with it.
+compilation, the first interval and the final evaluation are excluded; for side-by-side processes,
+the sum of their rates). Ratios are against sequential (above 1: faster). Medians of the repeats, with
+the spread. The script re-executes itself under the project's allocator first
+(:mod:`manifold_lab.allocator`), so every mode runs with it.
 
     .venv/bin/python benchmarks/multiseed_throughput.py [--seeds 3] [--steps 300] [--width 0.35]
         [--batch-size 96] [--repeats 2] [--json PATH]
@@ -29,6 +31,7 @@ from pathlib import Path
 from manifold_lab.atomic import atomic_write_json
 from manifold_lab.cli import ArgumentParser, positive_int, run_main
 from manifold_lab.allocator import reexec_with_allocator
+from ablations.workers import cpu_groups, usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +60,15 @@ def _run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _sequential_code(seeds: list[int], out: Path, cpus: list[int] | None) -> str:
+    """A process training ``seeds`` one after another (pinned to ``cpus`` first, when given)."""
+    pin = f"import os; os.sched_setaffinity(0, {set(cpus)!r})\n" if cpus else ""
+    return (pin + "import sys; from manifold_lab.train.__main__ import main\n"
+            "flags = sys.argv[1:]\n"
+            f"for s in {seeds!r}:\n"
+            f"    main(flags + ['--seed', str(s), '--out', r'{out}/seed_' + str(s)])\n")
+
+
 def measure(args, mode: str, workdir: Path) -> tuple[float, float]:
     """``(wall seconds, steady images/s over all seeds)`` of one job in ``mode``."""
     flags = _train_flags(args)
@@ -66,12 +78,21 @@ def measure(args, mode: str, workdir: Path) -> tuple[float, float]:
         wall = _run([sys.executable, "-m", "manifold_lab.train", *flags, "--seeds", str(args.seeds),
                      "--out", str(out)])
         return wall, _steady_images_per_second([out / f"seed_{s}" for s in seeds], args.batch_size)
+    if mode == "workers":  # one process per core share, the seeds dealt out among them
+        groups = cpu_groups(min(args.seeds, len(usable_cpus())), usable_cpus())
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _sequential_code(seeds[i::len(groups)], workdir / "w", g),
+                                   *flags], cwd=REPO, stdout=subprocess.DEVNULL)
+                 for i, g in enumerate(groups)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a worker process failed")
+        wall = time.perf_counter() - start
+        rate = sum(_steady_images_per_second([workdir / "w" / f"seed_{s}" for s in seeds[i::len(groups)]],
+                                             args.batch_size) / len(seeds[i::len(groups)])
+                   for i in range(len(groups)))
+        return wall, rate
     # sequential: one process trains the seeds one after another (one compilation, like a sweep)
-    code = ("import sys; from manifold_lab.train.__main__ import main\n"
-            "flags = sys.argv[1:]\n"
-            f"for s in {seeds!r}:\n"
-            f"    main(flags + ['--seed', str(s), '--out', r'{workdir}/seq/seed_' + str(s)])\n")
-    wall = _run([sys.executable, "-c", code, *flags])
+    wall = _run([sys.executable, "-c", _sequential_code(seeds, workdir / "seq", None), *flags])
     rate = _steady_images_per_second([workdir / "seq" / f"seed_{s}" for s in seeds], args.batch_size)
     return wall, rate / args.seeds  # one run at a time: the mean rate of the runs
 
@@ -87,11 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
 
-    results: dict[str, dict[str, list[float]]] = {m: {"wall": [], "ips": []} for m in ("sequential", "multi")}
+    modes = ("sequential", "multi", "workers")
+    results: dict[str, dict[str, list[float]]] = {m: {"wall": [], "ips": []} for m in modes}
     for r in range(args.repeats):
-        for mode in ("sequential", "multi"):
+        for mode in modes:
             with tempfile.TemporaryDirectory() as tmp:
-                wall, ips = measure(args, "multi" if mode == "multi" else "sequential", Path(tmp))
+                wall, ips = measure(args, mode, Path(tmp))
             results[mode]["wall"].append(wall)
             results[mode]["ips"].append(ips)
             load = os.getloadavg()[0]
@@ -103,8 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{platform.machine()} {os.cpu_count()} cores; median (min-max) of {args.repeats}")
     print("| mode | job wall s (compile incl.) | steady img/s, all seeds | ratio vs sequential |")
     print("|---|---|---|---|")
+    workers = min(args.seeds, len(usable_cpus()))
     for mode, label in (("sequential", f"{args.seeds} runs one after another"),
-                        ("multi", f"{args.seeds} seeds, one vmapped program")):
+                        ("multi", f"{args.seeds} seeds, one vmapped program"),
+                        ("workers", f"{workers} pinned processes side by side")):
         w, i = results[mode]["wall"], results[mode]["ips"]
         ratio = med["sequential"]["wall"] / med[mode]["wall"]
         print(f"| {label} | {med[mode]['wall']:.1f} ({min(w):.1f}-{max(w):.1f}) | "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -179,7 +180,9 @@ def fake_trainer(monkeypatch):
 
 
 def _run(argv, capsys):
+    """``ablations.run`` in this process (``--workers 1`` unless given: the fake trainer lives here)."""
     from ablations.run import main
+    argv = list(argv) if "--workers" in argv else [*argv, "--workers", "1"]
     code = run_main(main, argv, prog="python -m ablations.run")
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -370,12 +373,15 @@ def test_figures_skip_missing_studies_with_a_note(tmp_path, capsys):
 
 
 def test_real_smoke_preset_end_to_end(tmp_path, capsys):
-    """Every study of the smoke preset through the real trainer, then every figure from its results."""
+    """Every study of the smoke preset through the real trainer (in worker processes, one per core,
+    where there are two cores), then every figure from its results."""
     from ablations import figures
 
     results, out = tmp_path / "results", tmp_path / "figures"
-    code, log, err = _run(["all", "--preset", "smoke", "--out", str(results)], capsys)
+    code, log, err = _run(["all", "--preset", "smoke", "--out", str(results), "--workers", "auto"], capsys)
     assert code == 0, log + err
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "2 workers" in log and log.count("training on CPU") == 4, log
     preset = get_preset("smoke")
     runs = build_plan("all", preset)
     assert all(_status(preset_dir(results, preset), r) == DONE for r in runs)

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from manifold_lab.costs.analytic import model_costs
 from manifold_lab.models import (
     InvertedResidual,
     MobileNetV1,
@@ -112,6 +113,19 @@ def test_stem1_preset_ends_at_2x2_at_28px():
     assert acts["head"].shape == (2, 2, 2, 1280)
     counts = [count_params(abstract(model_config("mobilenet_v2", preset=p, **kw)))["params"] for p in PRESETS]
     assert counts == [counts[0]] * len(PRESETS) == [408_650] * len(PRESETS)
+
+
+def test_bneck1_preset_keeps_14x14_through_the_first_stride2_stage_at_28px():
+    """Stem at stride 2, the 24-channel stage at 1: 28 -> 14 (stem) -> 14 -> 7 -> 4 -> 2."""
+    cfg = model_config("mobilenet_v2", preset="bneck1", width=0.35, num_classes=10, in_channels=1)
+    acts = abstract_acts(cfg, 28, batch=2)
+    assert acts["stem"].shape[1:3] == (14, 14)
+    assert acts["block02/projection"].shape == (2, 14, 14, 8)
+    assert acts["block03/depthwise"].shape == (2, 7, 7, 48)
+    assert acts["head"].shape == (2, 2, 2, 1280)
+    madds = {p: model_costs(model_config("mobilenet_v2", preset=p, width=0.35, num_classes=10,
+                                         in_channels=1), 28).madds for p in PRESETS}
+    assert madds["imagenet"] < madds["bneck1"] < madds["stem1"] < madds["small"]
 
 
 def test_residual_switch_keeps_parameters_and_counts_shortcuts():

@@ -14,16 +14,19 @@ BottleneckActivation = Literal["linear", "relu6", "relu"]
 ResidualPlacement = Literal["bottleneck", "expansion", "none"]
 DepthwiseImpl = Literal["auto", "xla", "shift"]
 Padding = Literal["same", "symmetric"]
-Preset = Literal["imagenet", "small", "stem1"]
+Preset = Literal["imagenet", "small", "stem1", "bneck1"]
 
 BOTTLENECK_ACTIVATIONS: tuple[str, ...] = ("linear", "relu6", "relu")
 RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "none")
 DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
-#: Stride layouts: ``imagenet`` (Table 2), ``small`` (the stem and the first stride-2 stage at stride
-#: 1: 32 or 28 px end at 4x4, 16x the activations of ``imagenet``), ``stem1`` (only the stem at
-#: stride 1: 28 px ends at 2x2, 4x the activations).
-PRESETS: tuple[str, ...] = ("imagenet", "small", "stem1")
+#: Stride layouts, as (stem stride, stride of the first stride-2 stage): ``imagenet`` (Table 2),
+#: ``small`` (both at 1: 32 or 28 px end at 4x4, 16x the activations of ``imagenet``), ``stem1``
+#: (only the stem at 1: 28 px ends at 2x2) and ``bneck1`` (only the first stride-2 bottleneck stage
+#: at 1: 28 px ends at 2x2, with the stem's 14x14 kept through that stage).
+LAYOUT_STRIDES: dict[str, tuple[int, int]] = {
+    "imagenet": (2, 2), "small": (1, 1), "stem1": (1, 2), "bneck1": (2, 1)}
+PRESETS: tuple[str, ...] = tuple(LAYOUT_STRIDES)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -110,7 +113,7 @@ class MobileNetV2Config:
 
     @property
     def stem_stride(self) -> int:
-        return 2 if self.preset == "imagenet" else 1
+        return LAYOUT_STRIDES[self.preset][0]
 
     @property
     def head_channels(self) -> int:
@@ -120,11 +123,10 @@ class MobileNetV2Config:
         return self.last_channels
 
     def stage_strides(self) -> tuple[int, ...]:
-        """First-block stride of each stage; the ``small`` preset runs the first stride-2 stage at 1."""
+        """First-block stride of each stage; ``small`` and ``bneck1`` run the first stride-2 stage at 1."""
         strides = [s.stride for s in self.stages]
-        if self.preset == "small":
-            first = next(i for i, s in enumerate(strides) if s == 2)
-            strides[first] = 1
+        first = next(i for i, s in enumerate(strides) if s == 2)
+        strides[first] = LAYOUT_STRIDES[self.preset][1]
         return tuple(strides)
 
     def blocks(self) -> tuple[BlockSpec, ...]:
@@ -221,13 +223,12 @@ class MobileNetV1Config:
 
     @property
     def stem_stride(self) -> int:
-        return 2 if self.preset == "imagenet" else 1
+        return LAYOUT_STRIDES[self.preset][0]
 
     def layer_strides(self) -> tuple[int, ...]:
-        """Stride of each separable layer; ``small`` runs the first stride-2 layer at 1."""
+        """Stride of each separable layer; ``small`` and ``bneck1`` run the first stride-2 layer at 1."""
         strides = [layer.stride for layer in self.layers]
-        if self.preset == "small":
-            strides[strides.index(2)] = 1
+        strides[strides.index(2)] = LAYOUT_STRIDES[self.preset][1]
         return tuple(strides)
 
 

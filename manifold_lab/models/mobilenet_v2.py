@@ -6,7 +6,7 @@ Network: 3x3 conv (stride ``config.stem_stride``) + BN + ReLU6 -> 17 bottleneck 
 -> dropout (drop probability ``config.dropout_rate``) -> dense classifier. Convolutions have no
 bias (BatchNorm follows each). The ``small`` preset (28-32 px inputs) runs the stem and the first
 stride-2 stage at stride 1, so 32 px ends at 4x4 and 28 px at 4x4 (``same`` padding); ``stem1``
-runs only the stem at stride 1 (28 px ends at 2x2).
+runs only the stem at stride 1 and ``bneck1`` only that stage (28 px ends at 2x2 with either).
 
 Block i (input x_i, spec ``config.blocks()[i]``), Table 1::
 

@@ -38,8 +38,9 @@ _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model", dict(choices=MODEL_NAMES, help="network (default mobilenet_v2)")),
     "--width": ("width", dict(type=number, help="width multiplier (default 1.0)")),
     "--preset": ("preset", dict(choices=PRESETS, help="stride layout: imagenet (Table 2, 224 px), small "
-                                                      "(28-32 px, stem and first stride-2 stage at 1) or "
-                                                      "stem1 (stem at 1); default by dataset")),
+                                                      "(28-32 px, stem and first stride-2 stage at 1), "
+                                                      "stem1 (stem at 1) or bneck1 (first stride-2 "
+                                                      "stage at 1); default by dataset")),
     "--bottleneck-activation": ("bottleneck_activation", dict(choices=BOTTLENECK_ACTIVATIONS,
                                                               help="after the projection (default linear)")),
     "--residual": ("residual", dict(choices=RESIDUAL_PLACEMENTS, help="shortcut placement (default bottleneck)")),
