@@ -7,8 +7,8 @@ where that pays: ``--multi-seed auto`` (the default) does so on accelerators and
 after another on a CPU, where the vmapped program was measured slower (0.85x the images/s of
 sequential runs on 2 cores, ``benchmarks/README.md``); ``on``/``off`` force either.
 ``--workers`` trains runs side by side in child processes, each pinned to its own CPU cores
-(:mod:`ablations.workers`; by default one per core on a CPU). ``--shard i/N`` runs the i-th of N contiguous slices of the id-sorted run list (1-based), so a job
-array covers a sweep exactly once; ``--dry-run`` prints one line per run:
+(:mod:`ablations.workers`; by default one per core on a CPU). ``--shard i/N`` runs the i-th of N
+contiguous slices of the id-sorted run list (1-based), so a job array covers a sweep exactly once; ``--dry-run`` prints one line per run:
 ``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
 """
 
@@ -175,19 +175,25 @@ def use_multi_seed(choice: str) -> bool:
     return choice == "on"
 
 
-def resolve_workers(choice: str, pending: int) -> int:
+def workers_arg(text: str) -> str | int:
+    """argparse type of ``--workers``: ``auto`` or a positive integer."""
+    return text if text == "auto" else positive_int(text)
+
+
+def resolve_workers(choice: str | int, pending: int, multi_seed: str) -> int:
     """``--workers``: ``auto`` (one per usable CPU core on a CPU backend, at most one per pending
-    run; 1 on accelerators) or a count, at most the usable cores (else :class:`UsageError`)."""
+    run; 1 on accelerators and with ``--multi-seed on``) or a count, at most the usable cores."""
     cores = len(usable_cpus())
     if choice == "auto":
         import jax
-        return max(1, min(cores, pending)) if jax.default_backend() == "cpu" else 1
-    try:
-        workers = int(choice)
-    except ValueError:
-        raise UsageError(f"--workers must be auto or a positive integer, got {choice!r}") from None
-    if not 1 <= workers <= cores:
-        raise UsageError(f"--workers must be between 1 and the {cores} usable CPU cores, got {workers}")
+        if multi_seed == "on" or jax.default_backend() != "cpu":
+            return 1
+        return max(1, min(cores, pending))
+    workers = int(choice)
+    if multi_seed == "on" and workers > 1:
+        raise UsageError("--multi-seed on trains seeds in one process: use it with --workers 1")
+    if workers > cores:
+        raise UsageError(f"--workers {workers} exceeds the {cores} usable CPU cores")
     return workers
 
 
@@ -218,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multi-seed", choices=("auto", "on", "off"), default="auto",
                         help="train a configuration's missing seeds as one vmapped program: auto "
                              "(default: on accelerators, not on CPU), on, off")
-    parser.add_argument("--workers", default="auto",
+    parser.add_argument("--workers", type=workers_arg, default="auto",
                         help="runs trained side by side, each in a child process pinned to its own CPU "
                              "cores: auto (default: one per core on a CPU, 1 on accelerators) or N")
     parser.add_argument("--only", action="append", default=None, metavar="RUN_ID",
@@ -261,13 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     writable_dir(root)
     where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
+    pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in runs)
+    workers = resolve_workers(args.workers, pending, args.multi_seed)
     _log(f"{args.study} --preset {preset.name}{where}: {len(runs)} runs in {root}")
     start = time.perf_counter()
-    pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in runs)
-    workers = resolve_workers(args.workers, pending)
     if workers > 1:
-        if args.multi_seed == "on":
-            raise UsageError("--multi-seed on trains seeds in one process: use it with --workers 1")
         _log(f"{workers} workers, one run each at a time")
         sweep: Sweep | WorkerPool = WorkerPool(root, cpu_groups(workers, usable_cpus()),
                                                child_command(args, preset), _log)

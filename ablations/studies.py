@@ -220,21 +220,21 @@ def cpu() -> Preset:
     on 2 CPU cores.
 
     Command: ``python -m ablations.run all --preset cpu && python -m ablations.figures --preset cpu``
-    Expected: 31 minutes (training 30 min 40 s with seeds one after another, ``--multi-seed auto``,
-    under jemalloc; figures 42 s); baseline (linear bottleneck, bottleneck shortcuts) 87.1% test
-    accuracy, 95% interval [86.7, 87.5] over 3 seeds, after 4 epochs. That is below the issue's 90%
-    target, which this network at 28 px does not reach within the budget (README, Training);
-    REPORT.md gives 95% intervals over 3 seeds and a verdict per claim.
+    Expected: 56 minutes (training 55 min with two runs side by side, one per core, ``--workers
+    auto``, under jemalloc: about 6.5 minutes per width-0.35 run, 21 minutes for width 1.0; figures
+    47 s); baseline (linear bottleneck, bottleneck shortcuts) 89.2% test accuracy, 95% interval
+    [88.0, 90.4] over 3 seeds, after 4 epochs; 90.1% at width 1.0. The mean stays below the issue's
+    90% target (README, Training); REPORT.md gives 95% intervals over 3 seeds and a verdict per claim.
 
-    Choices, measured on Fashion-MNIST at width 0.35 with the Table 2 strides (28 px ends at 1x1):
-    no augmentation (crop + flip slow down a network that underfits at this budget: after 150 AdamW
-    steps, 25.6% test accuracy with them against 56.8% without); the paper's RMSProp and learning
-    rate, with a per-epoch decay of 0.7 instead of 0.98 so that the rate anneals within the short
-    schedule (one seed-0 run: 87.8% after 6 epochs); BatchNorm decay 0.99.
-    The ``stem1`` layout (stem at stride 1) reaches 88.9% after 4 epochs, but at 3.4x the time per
-    image. The ``small`` layout reaches 86% in one epoch, but at ~180 img/s (an earlier engine). Both
-    are too slow for 14 runs in an hour on 2 cores.
-    Scale knobs: ``epochs``, ``width``, ``widths`` below.
+    Choices, measured on Fashion-MNIST at width 0.35 (README, Training): the ``bneck1`` stride layout
+    (Table 2 with its first stride-2 bottleneck stage at stride 1: 28 px keeps 14x14 through that
+    stage and ends at 2x2, where Table 2's strides end at 1x1 and level off near 88%; 3.4x the
+    multiply-adds); no augmentation (crop + flip slow down a network that underfits at this budget:
+    after 150 AdamW steps, 25.6% test accuracy with them against 56.8% without); the paper's RMSProp
+    and learning rate, with a per-epoch decay of 0.5 instead of 0.98 so that the rate anneals within
+    the 4 epochs; BatchNorm decay 0.99.
+    Scale knobs: ``epochs``, ``width``, ``widths`` below (width 1.0 is the longest run: 21 of the
+    108 minutes of training summed over the runs).
     """
     return Preset(
         name="cpu", doc=cpu.__doc__ or "",

@@ -12,7 +12,7 @@ the spread. The script re-executes itself under the project's allocator first
 (:mod:`manifold_lab.allocator`), so every mode runs with it.
 
     .venv/bin/python benchmarks/multiseed_throughput.py [--seeds 3] [--steps 300] [--width 0.35]
-        [--batch-size 96] [--repeats 2] [--json PATH]
+        [--layout imagenet] [--batch-size 96] [--repeats 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ablations.workers import cpu_groups, usable_cpus
+from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.atomic import atomic_write_json
 from manifold_lab.cli import ArgumentParser, positive_int, run_main
-from manifold_lab.allocator import reexec_with_allocator
-from ablations.workers import cpu_groups, usable_cpus
+from manifold_lab.models.config import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_flags(args) -> list[str]:
-    return ["--dataset", "fashion_mnist", "--width", str(args.width), "--preset", "imagenet",
+    return ["--dataset", "fashion_mnist", "--width", str(args.width), "--preset", args.layout,
             "--bn-decay", "0.99", "--no-augment", "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--log-every", str(args.log_every),
             "--eval-every", str(10 * args.steps), "--checkpoint-every", str(10 * args.steps), "--quiet"]
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=300, help="per run (at least 3 log lines)")
     parser.add_argument("--log-every", type=positive_int, default=50)
     parser.add_argument("--width", type=float, default=0.35)
+    parser.add_argument("--layout", choices=PRESETS, default="imagenet", help="stride layout (default imagenet)")
     parser.add_argument("--batch-size", type=positive_int, default=96)
     parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
@@ -121,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
 
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in results.items()}
-    print(f"\n{args.seeds} seeds x {args.steps} steps, width {args.width}, batch {args.batch_size} per seed, "
+    print(f"\n{args.seeds} seeds x {args.steps} steps, width {args.width}, layout {args.layout}, "
+          f"batch {args.batch_size} per seed, "
           f"{platform.machine()} {os.cpu_count()} cores; median (min-max) of {args.repeats}")
     print("| mode | job wall s (compile incl.) | steady img/s, all seeds | ratio vs sequential |")
     print("|---|---|---|---|")

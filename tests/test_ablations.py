@@ -294,6 +294,10 @@ def test_dry_run_lists_one_line_per_run_and_shards_cover_all(tmp_path, capsys, f
     (["all", "--preset", "huge"], "unknown preset 'huge'"),
     (["all", "--preset", "smoke", "--shard", "3/2"], "--shard"),
     (["all", "--preset", "smoke", "--seeds", "0"], "positive integer"),
+    (["all", "--preset", "smoke", "--workers", "0"], "--workers"),
+    (["all", "--preset", "smoke", "--workers", "999"], "exceeds the"),
+    (["all", "--preset", "smoke", "--workers", "2", "--multi-seed", "on"], "--multi-seed on"),
+    (["all", "--preset", "smoke", "--only", "nope"], "--only: no run 'nope'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, capsys):
     code, out, err = _run([*argv, "--out", str(tmp_path)], capsys)
