@@ -95,13 +95,15 @@ class WorkerPool:
     there afterwards (:func:`ablations.plan.run_status`), whatever the child's exit code said."""
 
     def __init__(self, root: Path, groups: Sequence[Sequence[int]], command: Command,
-                 log: Log, cost: Callable[[Run], float] = run_cost, poll_s: float = 0.5) -> None:
+                 log: Log, cost: Callable[[Run], float] = run_cost, poll_s: float = 0.5,
+                 grace_s: float = 30.0) -> None:
         self.root = root
         self.groups = [list(g) for g in groups]
         self.command = command
         self.log = log
         self.cost = cost
         self.poll_s = poll_s
+        self.grace_s = grace_s
         self.failed: list[tuple[str, str]] = []
         self.trained = 0
 
@@ -159,10 +161,12 @@ class WorkerPool:
 
     def _interrupt(self, active: dict[subprocess.Popen, tuple[Run, list[int], float]]) -> None:
         """Ctrl-C: the children (same process group) got it too and save a checkpoint; wait for
-        them, and pass it on to any that did not (e.g. the parent alone was signalled)."""
+        them, and pass it on to any still running after ``grace_s`` (the parent alone was
+        signalled), never twice to one that is saving."""
+        deadline = time.monotonic() + self.grace_s
         for child in active:
             try:
-                child.wait(timeout=5)
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.send_signal(signal.SIGINT)
         for child in active:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,35 @@ print(sorted(os.sched_getaffinity(0)), code)
     assert out.stdout.split()[-1] == "2"  # --only names no run of the plan: a usage error
     assert "--only: no run 'nope'" in out.stderr
     assert out.stdout.strip().startswith(f"[{cpu}]")
+
+
+def test_interrupt_reaches_children_that_did_not_get_it_and_waits_for_them(tmp_path):
+    """Only the parent is interrupted: after the grace period each running child gets SIGINT once,
+    saves (here: writes a marker) and exits; the parent re-raises KeyboardInterrupt after them."""
+    preset = get_preset("smoke")
+    runs = build_plan("all", preset)[:2]
+    child = ("import signal, sys, time\n"
+             "def stop(*_):\n"
+             "    open(sys.argv[1], 'a').write('saved\\n'); raise SystemExit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    root = tmp_path / "smoke"
+
+    def interrupt_parent_when_children_are_ready() -> None:
+        for run in runs:
+            path = root / "_logs" / f"{run.run_id}.log"
+            while not (path.exists() and "ready" in path.read_text()):
+                time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # the parent alone, not its process group
+
+    pool = WorkerPool(root, [[0], [0]], lambda run, cpus: [sys.executable, "-c", child,
+                                                           str(tmp_path / f"{run.run_id}.saved")],
+                      lambda line: None, cost=lambda r: 0.0, poll_s=0.05, grace_s=0.5)
+    threading.Thread(target=interrupt_parent_when_children_are_ready, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pool.execute(runs)
+    assert time.monotonic() - start < 30
+    for run in runs:
+        assert (tmp_path / f"{run.run_id}.saved").read_text() == "saved\n"
