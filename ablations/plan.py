@@ -238,3 +238,10 @@ def run_status(run_dir: Path, expected: Mapping[str, Any]) -> tuple[str, str]:
     if not any("test_accuracy" in m for m in metrics):
         return CORRUPT, "metrics.jsonl has no evaluation"
     return DONE, "complete"
+
+
+def describe_summary(summary: object) -> str:
+    """A finished run's ``summary.json`` in a few words."""
+    if isinstance(summary, dict) and "final_test_accuracy" in summary:
+        return f"test accuracy {100 * float(summary['final_test_accuracy']):.2f}%"
+    return "finished"

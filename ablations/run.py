@@ -24,11 +24,10 @@ from pathlib import Path
 
 from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
-from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, parse_shard, preset_dir,
-                            run_status, shard)
+from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, describe_summary,
+                            parse_shard, preset_dir, run_status, shard)
 from ablations.studies import PRESETS, STUDIES, Preset, get_preset
-from ablations.workers import (WorkerPool, cpu_groups, describe_summary, parse_cpus, pin_to_cpus,
-                               usable_cpus)
+from ablations.workers import WorkerPool, cpu_groups, parse_cpus, pin_to_cpus, usable_cpus
 
 Log = Callable[[str], None]
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ablations.plan import DONE, Run, run_status
+from ablations.plan import DONE, Run, describe_summary, run_status
 
 Log = Callable[[str], None]
 Command = Callable[[Run, Sequence[int]], list[str]]
@@ -71,13 +71,6 @@ def run_cost(run: Run) -> float:
     cfg = run.train_config().resolved()
     macs = model_costs(model_config_for(cfg, num_classes=10, in_channels=1), cfg.image_size or 32).madds
     return float(macs) * float(cfg.steps or cfg.epochs)
-
-
-def describe_summary(summary: object) -> str:
-    """A finished run's ``summary.json`` in a few words."""
-    if isinstance(summary, dict) and "final_test_accuracy" in summary:
-        return f"test accuracy {100 * float(summary['final_test_accuracy']):.2f}%"
-    return "finished"
 
 
 def _last_line(path: Path) -> str:

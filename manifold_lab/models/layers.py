@@ -112,17 +112,22 @@ def _bn_act_fwd(x, scale, bias, epsilon, act):
 
 
 def _bn_act_bwd(epsilon, act, residuals, cotangents):
+    # Every full-size term is written in x (the convolution output, kept for the backward pass)
+    # and per-channel vectors, never in xhat = (x - mean) * rstd: XLA:CPU materialised xhat as
+    # a full-size tensor to feed the channel reduction, one extra write and read per BatchNorm.
     x, scale, bias, mean, var = residuals
     g = cotangents[0].astype(jnp.float32)  # the statistics only feed the running averages
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
     rstd = jax.lax.rsqrt(var + epsilon)
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    mask = _act_grad_mask(act, xhat * scale + bias)
+    xf = x.astype(jnp.float32)
+    a = scale * rstd  # y_pre = a * x + (bias - a * mean)
+    mask = _act_grad_mask(act, xf * a + (bias - a * mean))
     gz = g if mask is None else jnp.where(mask, g, 0.0)
     grad_bias = jnp.sum(gz, axes)
-    grad_scale = jnp.sum(gz * xhat, axes)
-    grad_x = (scale * rstd) * (gz - (grad_bias + xhat * grad_scale) / count)
+    grad_scale = rstd * (jnp.sum(gz * xf, axes) - mean * grad_bias)  # = sum(gz * xhat)
+    c = a * rstd * grad_scale / count
+    grad_x = a * gz - c * xf + (c * mean - a * grad_bias / count)
     return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
 
 
