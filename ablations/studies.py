@@ -198,8 +198,8 @@ def quick() -> Preset:
     resolved at this scale".
 
     Command: ``python -m ablations.run all --preset quick && python -m ablations.figures --preset quick``
-    Expected: all figures; baseline test accuracy about 80% after the short schedule (measured 79.38%
-    with two workers; 5 min 21 s for the whole ``make run`` in a fresh clone).
+    Expected: all figures; baseline test accuracy about 80% after the short schedule (measured 81.27%
+    with two workers; 5 min 21 s for the whole ``make run`` in a fresh clone, install included).
     No crop/flip augmentation: with it, 500 steps at the paper's learning rate were unstable (loss
     spikes; accuracies from 10% to 72% depending on float rounding alone).
     Scale knobs: ``steps`` below, ``widths``.
