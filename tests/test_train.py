@@ -31,7 +31,7 @@ from manifold_lab.train import (EXIT_DIVERGED, TrainConfig, TrainingDiverged, is
 from manifold_lab.train import records
 from manifold_lab.train.__main__ import main as cli_main
 from manifold_lab.train.checkpoint import Checkpointer
-from manifold_lab.train.optim import make_optimizer
+from manifold_lab.train.optim import make_optimizer, unit_schedule
 from manifold_lab.train.step import make_train_step, split_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ def test_config_round_trip_defaults_and_validation() -> None:
     assert (paper.momentum, paper.rmsprop_decay, paper.preset, paper.dataset) == (0.9, 0.9, "small", "fashion_mnist")
     assert TrainConfig(dataset="imagefolder").resolved().preset == "imagenet"
     assert TrainConfig(optimizer="adamw").resolved().lr == 1e-3
-    for bad in (dict(width=0), dict(optimizer="lamb"), dict(residual="both"), dict(label_smoothing=1.0),
+    assert (paper.lr_schedule, TrainConfig(optimizer="sgd").resolved().lr_schedule) == ("staircase", "cosine")
+    for bad in (dict(width=0), dict(optimizer="lamb"), dict(lr_schedule="linear"), dict(residual="both"), dict(label_smoothing=1.0),
                 dict(batch_size=0), dict(ema_decay=1.5), dict(compute_dtype="float16")):
         with pytest.raises(UsageError):
             TrainConfig(**bad)
@@ -117,6 +118,16 @@ def test_paper_optimizer_is_tf_rmsprop_with_masked_l2() -> None:
             expect[k] = expect[k] - mom[k]
     for k in expect:
         np.testing.assert_allclose(np.asarray(jax.tree.leaves(params[k])[0]), expect[k], rtol=1e-6)
+
+def test_lr_schedules_staircase_and_cosine() -> None:
+    """The paper's staircase (x lr_decay once per epoch) and the cosine option, for any optimiser."""
+    staircase = unit_schedule(TrainConfig(lr_decay=0.5).resolved(), steps_per_epoch=10, total_steps=40)
+    assert [float(staircase(s)) for s in (0, 9, 10, 25, 39)] == [1.0, 1.0, 0.5, 0.25, 0.125]
+    for optimizer in ("paper", "sgd"):
+        cosine = unit_schedule(TrainConfig(optimizer=optimizer, lr_schedule="cosine").resolved(),
+                               steps_per_epoch=10, total_steps=40)
+        expected = [0.5 * (1 + np.cos(np.pi * s / 40)) for s in (0, 10, 20, 30, 40)]
+        np.testing.assert_allclose([float(cosine(s)) for s in (0, 10, 20, 30, 40)], expected, atol=1e-6)
 
 
 def test_train_step_reduces_loss_in_one_and_several_steps() -> None:
@@ -248,6 +259,7 @@ def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
 @pytest.mark.parametrize("args, message", [
     (["--width", "wide"], "argument --width: expected a number"),
     (["--steps", "3", "--epochs", "2"], "not allowed with"),
+    (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice"),
     (["--data-dir", "/nonexistent/fmnist"], "Fashion-MNIST not found"),
 ])
 def test_cli_bad_flags_and_missing_data_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:

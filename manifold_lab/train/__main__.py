@@ -25,7 +25,7 @@ from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_i
 from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS, PADDINGS, PRESETS,
                                         RESIDUAL_PLACEMENTS)
 from manifold_lab.train import sharding
-from manifold_lab.train.config import COMPUTE_DTYPES, MODEL_NAMES, OPTIMIZERS, TrainConfig
+from manifold_lab.train.config import COMPUTE_DTYPES, LR_SCHEDULES, MODEL_NAMES, OPTIMIZERS, TrainConfig
 from manifold_lab.train.loop import EXIT_DIVERGED, TrainingDiverged, train
 from manifold_lab.train.multiseed import train_seeds
 from manifold_lab.train.records import CONFIG_FILE, read_json
@@ -59,7 +59,9 @@ _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--optimizer": ("optimizer", dict(choices=OPTIMIZERS, help="paper (RMSProp, default), sgd, adamw")),
     "--lr": ("lr", dict(type=number, help="initial learning rate (paper 0.045, sgd 0.1, adamw 1e-3)")),
     "--weight-decay": ("weight_decay", dict(type=number, help="paper/sgd 4e-5 (L2), adamw 0.05")),
-    "--lr-decay": ("lr_decay", dict(type=number, help="paper: decay per epoch (0.98)")),
+    "--lr-schedule": ("lr_schedule", dict(choices=LR_SCHEDULES, help="staircase (per-epoch decay; paper's "
+                                                                     "default) or cosine (to 0; sgd/adamw)")),
+    "--lr-decay": ("lr_decay", dict(type=number, help="staircase: decay per epoch (0.98)")),
     "--momentum": ("momentum", dict(type=number, help="paper/sgd momentum (0.9)")),
     "--rmsprop-decay": ("rmsprop_decay", dict(type=number, help="paper: RMSProp decay (0.9)")),
     "--rmsprop-eps": ("rmsprop_eps", dict(type=number, help="paper: RMSProp epsilon (1.0, TF-Slim)")),

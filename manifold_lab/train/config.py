@@ -17,6 +17,7 @@ from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS,
                                         RESIDUAL_PLACEMENTS)
 
 OPTIMIZERS: tuple[str, ...] = ("paper", "sgd", "adamw")
+LR_SCHEDULES: tuple[str, ...] = ("staircase", "cosine")
 MODEL_NAMES: tuple[str, ...] = ("mobilenet_v2", "mobilenet_v1")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
@@ -26,6 +27,8 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.1, "weight_decay": 4e-5},      # momentum 0.9, cosine decay to 0
     "adamw": {"lr": 1e-3, "weight_decay": 0.05},   # decoupled decay, cosine decay to 0
 }
+#: Learning-rate schedule per optimiser when the config leaves it unset.
+SCHEDULE_DEFAULTS: dict[str, str] = {"paper": "staircase", "sgd": "cosine", "adamw": "cosine"}
 
 #: Keys that ``config.json`` holds next to the TrainConfig fields (ignored by ``from_dict``).
 RESERVED_KEYS: tuple[str, ...] = ("resolved", "model_config", "environment")
@@ -59,11 +62,12 @@ class TrainConfig:
     optimizer: str = "paper"
     lr: float | None = None  # None: OPTIMIZER_DEFAULTS[optimizer]["lr"]
     weight_decay: float | None = None  # None: OPTIMIZER_DEFAULTS[optimizer]["weight_decay"]
-    lr_decay: float = 0.98  # "paper": staircase decay factor per epoch
+    lr_schedule: str | None = None  # None: SCHEDULE_DEFAULTS[optimizer]
+    lr_decay: float = 0.98  # "staircase": decay factor per epoch
     momentum: float = 0.9  # "paper" and "sgd"
     rmsprop_decay: float = 0.9
     rmsprop_eps: float = 1.0  # paper silent; TF-Slim's train_image_classifier default (opt_epsilon)
-    warmup_steps: int = 0  # linear warm-up ("sgd", "adamw")
+    warmup_steps: int = 0  # linear warm-up before the schedule
     label_smoothing: float = 0.0  # authors' code: 0.1
     ema_decay: float | None = None  # EMA of weights, evaluated instead of the raw weights; code: 0.9999
     # bookkeeping
@@ -78,6 +82,8 @@ class TrainConfig:
         _choice("model", self.model, MODEL_NAMES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if self.lr_schedule is not None:
+            _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.preset is not None:
             _choice("preset", self.preset, PRESETS)
         _choice("bottleneck_activation", self.bottleneck_activation, BOTTLENECK_ACTIVATIONS)
@@ -123,8 +129,14 @@ class TrainConfig:
             self,
             preset=self.preset or ("imagenet" if self.dataset == "imagefolder" else "small"),
             lr=defaults["lr"] if self.lr is None else self.lr,
+            lr_schedule=self.schedule_name,
             weight_decay=defaults["weight_decay"] if self.weight_decay is None else self.weight_decay,
         )
+
+    @property
+    def schedule_name(self) -> str:
+        """The learning-rate schedule: ``lr_schedule``, or the optimiser's default when unset."""
+        return self.lr_schedule or SCHEDULE_DEFAULTS[self.optimizer]
 
     def replace(self, **changes: Any) -> TrainConfig:
         """``dataclasses.replace`` (validated)."""

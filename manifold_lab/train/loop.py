@@ -295,7 +295,7 @@ def _program_key(cfg: TrainConfig, mcfg: Any, plan: Plan, spec: PipelineSpec | N
     normalised = cfg.replace(seed=0, lr=None, eval_every=None, log_every=1, checkpoint_every=None,
                              data_dir=None, epochs=1.0, steps=None)
     return _ProgramKey(normalised, mcfg, plan.steps_per_epoch,
-                       plan.total_steps if cfg.optimizer != "paper" else None, plan.eval_batch_size,
+                       plan.total_steps if cfg.schedule_name == "cosine" else None, plan.eval_batch_size,
                        plan.train_size, plan.test_size, spec, tuple(data.mean), tuple(data.std), mesh,
                        batched, streaming)
 

@@ -9,10 +9,11 @@ the square root, the learning rate is applied *before* the momentum accumulator
 per epoch (staircase). The paper does not state RMSProp's epsilon; TF-Slim's training script
 defaults to ``opt_epsilon = 1.0``, which is used here (``TrainConfig.rmsprop_eps``).
 
-``sgd``: momentum 0.9 with the same masked L2 term and a cosine decay to zero. ``adamw``: Optax's
-AdamW (decoupled decay on the same mask) with a cosine decay. ``warmup_steps`` prepends a linear
-warm-up to any of them. The initial learning rate lives in the optimiser state (not in the
-compiled program), so learning-rate sweeps reuse one compilation.
+``sgd``: momentum 0.9 with the same masked L2 term. ``adamw``: Optax's AdamW (decoupled decay on the
+same mask). Both decay the rate to zero along a cosine. ``lr_schedule`` picks either schedule
+(``staircase`` or ``cosine``) for any optimiser; ``warmup_steps`` prepends a linear warm-up. The
+initial learning rate lives in the optimiser state (not in the compiled program), so learning-rate
+sweeps reuse one compilation.
 
 The statistics (RMSProp's mean square, the momentum, Adam's moments) run on one flat vector of all
 parameters (``optax.flatten``): the same arithmetic, but one fused kernel instead of a few small ones
@@ -35,7 +36,7 @@ from manifold_lab.train.config import TrainConfig
 def unit_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """The learning-rate schedule for an initial rate of 1 (multiply by ``cfg.lr``), as a function
     of the 0-based step count: the rate of the first step is ``cfg.lr * schedule(0)``."""
-    if cfg.optimizer == "paper":
+    if cfg.schedule_name == "staircase":
         main = optax.exponential_decay(1.0, transition_steps=steps_per_epoch, decay_rate=cfg.lr_decay,
                                        staircase=True)
     else:
