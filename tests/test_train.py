@@ -87,8 +87,8 @@ def test_config_round_trip_defaults_and_validation() -> None:
     assert TrainConfig(dataset="imagefolder").resolved().preset == "imagenet"
     assert TrainConfig(optimizer="adamw").resolved().lr == 1e-3
     assert (paper.lr_schedule, TrainConfig(optimizer="sgd").resolved().lr_schedule) == ("staircase", "cosine")
-    for bad in (dict(width=0), dict(optimizer="lamb"), dict(lr_schedule="linear"), dict(residual="both"), dict(label_smoothing=1.0),
-                dict(batch_size=0), dict(ema_decay=1.5), dict(compute_dtype="float16")):
+    for bad in (dict(width=0), dict(optimizer="lamb"), dict(lr_schedule="linear"), dict(residual="both"),
+                dict(label_smoothing=1.0), dict(batch_size=0), dict(ema_decay=1.5), dict(compute_dtype="float16")):
         with pytest.raises(UsageError):
             TrainConfig(**bad)
     with pytest.raises(UsageError, match="unknown training config keys"):
