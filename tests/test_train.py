@@ -32,6 +32,7 @@ from manifold_lab.train import records
 from manifold_lab.train.__main__ import main as cli_main
 from manifold_lab.train.checkpoint import Checkpointer
 from manifold_lab.train.optim import make_optimizer, unit_schedule
+from manifold_lab.train.loop import model_config_for, model_init_fn
 from manifold_lab.train.step import make_train_step, split_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,30 @@ def test_run_files_summary_and_restore(full_run: Path) -> None:
     logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False))(state, x)
     accuracy = float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(test.labels)))
     assert accuracy == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
+
+
+def test_ema_averages_weights_and_batchnorm_statistics(tmp_path: Path) -> None:
+    """After one update the EMA is d * initial + (1 - d) * updated, TF's d = min(decay, 2 / 11), for
+    the weights and the BatchNorm statistics alike; training itself is unchanged by it."""
+    cfg = SHORT.replace(steps=1, ema_decay=0.999)
+    train(cfg.replace(ema_decay=None), tmp_path / "raw", verbose=False)
+    train(cfg, tmp_path / "ema", verbose=False)
+    mcfg = model_config_for(cfg.resolved(), num_classes=10, in_channels=1)
+    initial = jax.tree.leaves(model_init_fn(mcfg)(jnp.uint32(cfg.seed)))
+    leaves = lambda run, **kw: [np.asarray(x) for x in jax.tree.leaves(  # params then statistics
+        split_state(restore_model(tmp_path / run, **kw))[1:])]
+    updated = leaves("raw")
+    for a, b in zip(leaves("ema", use_ema=False), updated):
+        np.testing.assert_array_equal(a, b)
+    d = 2.0 / 11.0
+    averaged = leaves("ema")
+    assert len(averaged) == len(initial) == len(updated)
+    for avg, p0, p1 in zip(averaged, initial, updated):
+        np.testing.assert_allclose(avg, d * np.asarray(p0) + (1 - d) * p1, rtol=1e-5, atol=1e-6)
+    stats_moved = [not np.allclose(a, p) for a, p in zip(averaged, updated)]
+    assert sum(stats_moved) > len(averaged) // 2  # the averages differ from the raw values
+    with pytest.raises(UsageError, match="kept no weight EMA"):
+        restore_model(tmp_path / "raw", use_ema=True)
 
 
 def test_is_complete_rejects_inconsistent_summary(full_run: Path, tmp_path: Path) -> None:

@@ -68,7 +68,8 @@ _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--warmup-steps": ("warmup_steps", dict(type=nonnegative_int, help="linear warm-up steps (0)")),
     "--label-smoothing": ("label_smoothing", dict(type=number, help="default 0 (authors' code: 0.1)")),
     "--ema": ("ema_decay", dict(type=number, metavar="DECAY",
-                                help="evaluate an EMA of the weights (authors' code: 0.9999)")),
+                                help="evaluate an EMA of the weights and BatchNorm statistics "
+                                     "(authors' code: 0.9999)")),
     "--seed": ("seed", dict(type=nonnegative_int, help="random seed (default 0)")),
     "--eval-every": ("eval_every", dict(type=positive_int, help="steps between evaluations (one epoch)")),
     "--log-every": ("log_every", dict(type=positive_int, help="steps between log lines (50)")),

@@ -69,7 +69,7 @@ class TrainConfig:
     rmsprop_eps: float = 1.0  # paper silent; TF-Slim's train_image_classifier default (opt_epsilon)
     warmup_steps: int = 0  # linear warm-up before the schedule
     label_smoothing: float = 0.0  # authors' code: 0.1
-    ema_decay: float | None = None  # EMA of weights, evaluated instead of the raw weights; code: 0.9999
+    ema_decay: float | None = None  # EMA of weights and BN statistics, evaluated instead; code: 0.9999
     # bookkeeping
     seed: int = 0
     eval_every: int | None = None  # steps; None: once per epoch (and always at the end)

@@ -451,8 +451,9 @@ class _Loop:
         lr = self.cfgs[0].lr * float(self.p.unit_schedule(step - 1))
         test = None
         if self.plan.is_eval_step(step):
-            weights = state["params"] if state["ema"] is None else state["ema"]
-            test = [np.asarray(a).reshape(-1) for a in jax.device_get(evaluate(weights, state["batch_stats"]))]
+            evaluated = state["ema"] or state  # the averages where the run keeps them
+            test = jax.device_get(evaluate(evaluated["params"], evaluated["batch_stats"]))
+            test = [np.asarray(a).reshape(-1) for a in test]
         elapsed = self.elapsed_before + time.perf_counter() - self.session_start
         for i in range(self.k):
             record = {"step": step, "epoch": round(step / self.plan.steps_per_epoch, 6),

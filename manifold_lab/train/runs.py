@@ -21,8 +21,8 @@ from manifold_lab.train.step import init_state
 def restore_model(run_dir: str | os.PathLike[str], *, use_ema: bool | None = None,
                   require_complete: bool = True, step: int | None = None) -> nnx.Module:
     """The model of ``run_dir`` with its newest checkpoint's weights and BatchNorm statistics, ready
-    for ``model(x, train=False)``. ``use_ema``: the weight EMA instead of the raw weights (default:
-    whenever the run kept one, as its evaluations did). ``require_complete``: refuse unfinished runs
+    for ``model(x, train=False)``. ``use_ema``: the EMA of the weights and statistics instead of the raw
+    ones (default: whenever the run kept one, as its evaluations did). ``require_complete``: refuse unfinished runs
     (UsageError); without it the newest checkpoint of an unfinished run is used. ``step``: a
     specific kept checkpoint instead of the newest."""
     run_dir = Path(run_dir)
@@ -52,5 +52,5 @@ def restore_model(run_dir: str | os.PathLike[str], *, use_ema: bool | None = Non
     if use_ema and state["ema"] is None:
         raise UsageError(f"{run_dir} kept no weight EMA")
     use_ema = state["ema"] is not None if use_ema is None else use_ema
-    weights = state["ema"] if use_ema else state["params"]
-    return nnx.merge(graphdef, weights, state["batch_stats"])
+    averaged = state["ema"] if use_ema else state
+    return nnx.merge(graphdef, averaged["params"], averaged["batch_stats"])

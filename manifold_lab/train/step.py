@@ -13,7 +13,7 @@ Three layers, each a pure function:
   (and vmaps it over a leading seed axis for multi-seed training).
 
 The train state is a plain dict pytree: ``step`` (int32), ``params``, ``batch_stats``, ``opt_state``,
-``ema`` (a copy of ``params`` or None) and ``sums`` (``loss``, ``correct``, ``count`` since the last
+``ema`` (None, or ``{"params", "batch_stats"}``: their moving averages) and ``sums`` (``loss``, ``correct``, ``count`` since the last
 log line, and ``finite``: 0 once any step produced a non-finite loss or weights). Randomness: the seed's key ``k``; data order and augmentation as in
 :mod:`manifold_lab.data.pipeline` (streams 0 and 1), dropout from ``fold_in(fold_in(k, 2), step)``.
 """
@@ -89,7 +89,7 @@ def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,
         "params": params,
         "batch_stats": batch_stats,
         "opt_state": tx.init(params),
-        "ema": jax.tree.map(jnp.copy, params) if use_ema else None,
+        "ema": jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats}) if use_ema else None,
         "sums": {"loss": zero(), "correct": zero(), "count": zero(), "finite": jnp.ones((), jnp.float32)},
     }
 
@@ -112,7 +112,8 @@ def _advance(core: Callable, state: TrainState, images: jax.Array, labels: jax.A
     params, batch_stats, opt_state, loss, accuracy = core(
         state["params"], state["batch_stats"], state["opt_state"], images, labels, dropout_key)
     step = state["step"] + 1
-    ema = None if ema_decay is None else ema_update(state["ema"], params, ema_decay, step)
+    ema = None if ema_decay is None else ema_update(
+        state["ema"], {"params": params, "batch_stats": batch_stats}, ema_decay, step)
     sums = state["sums"]
     finite = jnp.isfinite(loss) & all_finite(params)
     sums = {"loss": sums["loss"] + loss, "correct": sums["correct"] + accuracy * labels.shape[0],
