@@ -31,8 +31,8 @@ from manifold_lab.train import (EXIT_DIVERGED, TrainConfig, TrainingDiverged, is
 from manifold_lab.train import records
 from manifold_lab.train.__main__ import main as cli_main
 from manifold_lab.train.checkpoint import Checkpointer
-from manifold_lab.train.optim import make_optimizer, unit_schedule
 from manifold_lab.train.loop import model_config_for, model_init_fn
+from manifold_lab.train.optim import make_optimizer, unit_schedule
 from manifold_lab.train.step import make_train_step, split_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,8 +200,8 @@ def test_ema_averages_weights_and_batchnorm_statistics(tmp_path: Path) -> None:
     assert len(averaged) == len(initial) == len(updated)
     for avg, p0, p1 in zip(averaged, initial, updated):
         np.testing.assert_allclose(avg, d * np.asarray(p0) + (1 - d) * p1, rtol=1e-5, atol=1e-6)
-    stats_moved = [not np.allclose(a, p) for a, p in zip(averaged, updated)]
-    assert sum(stats_moved) > len(averaged) // 2  # the averages differ from the raw values
+    moved = [not np.allclose(a, p) for a, p in zip(averaged, updated)]
+    assert sum(moved) > len(averaged) // 2  # the averages differ from the raw values
     with pytest.raises(UsageError, match="kept no weight EMA"):
         restore_model(tmp_path / "raw", use_ema=True)
 

@@ -21,10 +21,10 @@ from manifold_lab.train.step import init_state
 def restore_model(run_dir: str | os.PathLike[str], *, use_ema: bool | None = None,
                   require_complete: bool = True, step: int | None = None) -> nnx.Module:
     """The model of ``run_dir`` with its newest checkpoint's weights and BatchNorm statistics, ready
-    for ``model(x, train=False)``. ``use_ema``: the EMA of the weights and statistics instead of the raw
-    ones (default: whenever the run kept one, as its evaluations did). ``require_complete``: refuse unfinished runs
-    (UsageError); without it the newest checkpoint of an unfinished run is used. ``step``: a
-    specific kept checkpoint instead of the newest."""
+    for ``model(x, train=False)``. ``use_ema``: the EMA of the weights and statistics instead of
+    the raw ones (default: whenever the run kept one, as its evaluations did). ``require_complete``:
+    refuse unfinished runs (UsageError); without it the newest checkpoint of an unfinished run is
+    used. ``step``: a specific kept checkpoint instead of the newest."""
     run_dir = Path(run_dir)
     if require_complete and not records.is_complete(run_dir):
         raise UsageError(f"{run_dir} is not a complete run")

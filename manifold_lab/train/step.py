@@ -13,8 +13,9 @@ Three layers, each a pure function:
   (and vmaps it over a leading seed axis for multi-seed training).
 
 The train state is a plain dict pytree: ``step`` (int32), ``params``, ``batch_stats``, ``opt_state``,
-``ema`` (None, or ``{"params", "batch_stats"}``: their moving averages) and ``sums`` (``loss``, ``correct``, ``count`` since the last
-log line, and ``finite``: 0 once any step produced a non-finite loss or weights). Randomness: the seed's key ``k``; data order and augmentation as in
+``ema`` (None, or ``{"params", "batch_stats"}``: their moving averages) and ``sums`` (``loss``,
+``correct``, ``count`` since the last log line, and ``finite``: 0 once any step produced a
+non-finite loss or weights). Randomness: the seed's key ``k``; data order and augmentation as in
 :mod:`manifold_lab.data.pipeline` (streams 0 and 1), dropout from ``fold_in(fold_in(k, 2), step)``.
 """
 
