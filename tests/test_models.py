@@ -1,5 +1,6 @@
 """MobileNetV2 / MobileNetV1: exact sizes of the paper's network (counted abstractly), the ablation
-switches, train/eval BatchNorm behaviour, and the two depthwise forms."""
+switches, train/eval BatchNorm behaviour, and the depthwise forms (the native kernel's own cases:
+``test_native.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from manifold_lab.models import (
     weight_decay_mask,
 )
 from manifold_lab.models.config import PRESETS, BottleneckStage
+from manifold_lab.models.depthwise import DEPTHWISE_FORMS
 
 
 def abstract(cfg) -> nnx.Module:
@@ -260,25 +262,57 @@ def test_pointwise_matmul_equals_convolution():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("in_channels, stride, padding", [(3, 2, "same"), (3, 2, "symmetric"), (1, 1, "same"),
+                                                         (1, 2, "same")])
+def test_im2col_convolution_equals_xla(in_channels, stride, padding):
+    """ConvBN computes convolutions with few input channels (the stem) as one matmul over the
+    stacked windows; its output and both gradients equal XLA's convolution."""
+    from manifold_lab.models.layers import IM2COL_MAX_DEPTH, ConvBN
+    assert 3 * 3 * in_channels <= IM2COL_MAX_DEPTH  # the im2col path is the one under test
+    kx, kg = jax.random.split(jax.random.key(in_channels * 10 + stride))
+    x = jax.random.normal(kx, (2, 9, 8, in_channels))
+    out_h, out_w = output_size(9, 3, stride, padding), output_size(8, 3, stride, padding)
+    cot = jax.random.normal(kg, (2, out_h, out_w, 6))
+
+    def im2col(x, kernel):
+        inner = ConvBN(in_channels, 6, kernel_size=3, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+        inner.kernel[...] = kernel
+        return inner.conv(x)
+
+    def convolution(x, kernel):
+        pads = [pad_amounts(n, 3, stride, padding) for n in (9, 8)]
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    kernel = jax.random.normal(jax.random.key(5), (3, 3, in_channels, 6))
+    (y, vjp), (y_ref, vjp_ref) = [jax.vjp(f, x, kernel) for f in (im2col, convolution)]
+    assert y.shape == (2, out_h, out_w, 6)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    for g, r in zip(vjp(cot), vjp_ref(cot)):
+        assert float(jnp.max(jnp.abs(r))) > 0.1
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- depthwise forms
 
 @pytest.mark.parametrize("size, stride, padding", list(itertools.product((7, 8), (1, 2), ("same", "symmetric"))))
-def test_shift_equals_xla_depthwise(size, stride, padding):
+def test_depthwise_forms_equal_xla(size, stride, padding):
     kx, kk, kg = jax.random.split(jax.random.key(size * 10 + stride), 3)
     x = jax.random.normal(kx, (2, size, size, 5))
     kernel = jax.random.normal(kk, (3, 3, 1, 5))
     out = output_size(size, 3, stride, padding)
     cot = jax.random.normal(kg, (2, out, out, 5))
     results = {}
-    for impl in ("xla", "shift"):
+    for impl in DEPTHWISE_FORMS:
         @jax.jit
         def value_and_vjp(x, k, cot):
             y, vjp = jax.vjp(lambda x, k: depthwise_conv(x, k, stride=stride, padding=padding, impl=impl), x, k)
             return (y, *vjp(cot))
         results[impl] = value_and_vjp(x, kernel, cot)
-    assert results["shift"][0].shape == (2, out, out, 5)
-    for a, b in zip(results["xla"], results["shift"]):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    for impl in ("shift", "native"):
+        assert results[impl][0].shape == (2, out, out, 5)
+        for a, b in zip(results["xla"], results[impl]):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
 
 
 def test_padding_geometry():
@@ -288,7 +322,7 @@ def test_padding_geometry():
     assert pad_amounts(8, 3, 2, "symmetric") == (1, 1)
     assert pad_amounts(8, 5, 3, "same") == (1, 2)  # general formula: out 3, total (3-1)*3+5-8 = 3
     assert [output_size(n, 3, 2, "same") for n in (7, 8, 224)] == [4, 4, 112]
-    assert resolve_impl("auto") == "shift"  # the tests run on CPU
+    assert resolve_impl("auto") == "native"  # the tests run on CPU, with a C++ compiler
     assert resolve_impl("xla") == "xla"
 
 
@@ -397,12 +431,12 @@ def assert_finite_gradient(model, images) -> None:
     assert all(float(jnp.abs(g).sum()) > 0 for g in leaves)
 
 
-# every (activation, residual) pair; the depthwise form and padding cycle through their 4 pairs
+# every (activation, residual) pair; the depthwise form and padding cycle through their 6 pairs
 SWITCH_GRID = [
     (act, res, impl, pad)
     for (act, res), (impl, pad) in zip(
         itertools.product(("linear", "relu6", "relu"), ("bottleneck", "expansion", "none")),
-        itertools.cycle(itertools.product(("shift", "xla"), ("same", "symmetric"))))
+        itertools.cycle(itertools.product(("native", "shift", "xla"), ("same", "symmetric"))))
 ]
 
 

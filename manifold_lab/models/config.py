@@ -12,13 +12,13 @@ from typing import Literal
 
 BottleneckActivation = Literal["linear", "relu6", "relu"]
 ResidualPlacement = Literal["bottleneck", "expansion", "none"]
-DepthwiseImpl = Literal["auto", "xla", "shift"]
+DepthwiseImpl = Literal["auto", "xla", "shift", "native"]
 Padding = Literal["same", "symmetric"]
 Preset = Literal["imagenet", "small", "stem1", "bneck1"]
 
 BOTTLENECK_ACTIVATIONS: tuple[str, ...] = ("linear", "relu6", "relu")
 RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "none")
-DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift")
+DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift", "native")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
 #: Stride layouts, as (stem stride, stride of the first stride-2 stage): ``imagenet`` (Table 2),
 #: ``small`` (both at 1: 32 or 28 px end at 4x4, 16x the activations of ``imagenet``), ``stem1``

@@ -1,11 +1,16 @@
-"""The 3x3 depthwise convolution in two equivalent forms, and its conv + BatchNorm + ReLU6 unit.
+"""The 3x3 depthwise convolution in three equivalent forms, and its conv + BatchNorm + ReLU6 unit.
 
 - ``xla``: ``lax.conv_general_dilated`` with ``feature_group_count = channels``.
 - ``shift``: pad once, then nine shifted (strided) slices of the padded input, each times its
   per-channel tap, summed. On CPU XLA's grouped convolution is several times slower than this form,
   forward and backward (see ``benchmarks/README.md``, "Depthwise convolution").
-- ``auto``: ``shift`` on the CPU backend, ``xla`` on GPU/TPU, decided from
-  ``jax.default_backend()`` when the model is traced.
+- ``native``: C++ kernels called through XLA's FFI (:mod:`manifold_lab.native`, built on first
+  use), forward and backward (input and tap gradients in one call); padding by bounds, so no
+  padded copy and no materialised tap windows. XLA:CPU only, float32 only: other dtypes take the
+  ``shift`` form.
+- ``auto``: on the CPU backend ``native`` where it can be built (a C++ compiler is installed),
+  else ``shift``; ``xla`` on GPU/TPU. Decided from ``jax.default_backend()`` when the model is
+  traced.
 
 Both forms share the padding geometry of :func:`manifold_lab.models.layers.pad_amounts`
 (``same``: TF 'SAME'; ``symmetric``: (1, 1)). Kernels are stored HWIO as ``(3, 3, 1, C)``, the
@@ -18,21 +23,31 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from manifold_lab import native
 from manifold_lab.models.layers import batch_norm_act, he_normal, pad_amounts
 
 Array = jax.Array
 
-DEPTHWISE_FORMS: tuple[str, ...] = ("xla", "shift")
+DEPTHWISE_FORMS: tuple[str, ...] = ("xla", "shift", "native")
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto`` -> ``shift`` on CPU, ``xla`` elsewhere; ``xla``/``shift`` unchanged."""
+    """``auto`` -> ``native`` on CPU (``shift`` where it cannot be built), ``xla`` elsewhere; the
+    explicit forms unchanged (``native`` raises where it cannot be built or off the CPU)."""
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "native" if native.load("depthwise") is not None else "shift"
     if impl not in DEPTHWISE_FORMS:
-        raise ValueError(f"depthwise_impl must be auto, xla or shift; got {impl!r}")
+        raise ValueError(f"depthwise_impl must be auto, xla, shift or native; got {impl!r}")
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError("depthwise_impl='native' runs on the CPU backend only; use auto or xla")
+        if native.load("depthwise") is None:
+            raise ValueError(f"depthwise_impl='native' is unavailable: {native.reason('depthwise')}")
     return impl
 
 
@@ -43,12 +58,15 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int = 1, padding: str = "
     channels = x.shape[-1]
     if kernel.shape != (k, k, 1, channels):
         raise ValueError(f"depthwise kernel must be ({k}, {k}, 1, {channels}), got {kernel.shape}")
-    pads = [pad_amounts(n, k, stride, padding) for n in x.shape[1:3]]
-    if resolve_impl(impl) == "xla":
+    pads = tuple(pad_amounts(n, k, stride, padding) for n in x.shape[1:3])
+    form = resolve_impl(impl)
+    if form == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=channels)
-    return _shift_depthwise(x, kernel[:, :, 0, :], stride, tuple(pads))
+    if form == "native" and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+        return _native_depthwise(x, kernel[:, :, 0, :], stride, pads)
+    return _shift_depthwise(x, kernel[:, :, 0, :], stride, pads)
 
 
 def _tap_window(xp: Array, i: int, j: int, stride: int, out_h: int, out_w: int) -> Array:
@@ -117,6 +135,38 @@ def _shift_depthwise_bwd(stride, pads, residuals, g):
 
 
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+
+
+def _native_attrs(stride: int, pads: tuple[tuple[int, int], ...]) -> dict[str, np.int64]:
+    return dict(stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_depthwise(x: Array, taps: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
+    """Depthwise conv of NHWC float32 ``x`` with ``taps`` (k, k, C) by the native kernel."""
+    n, h, w, c = x.shape
+    k = taps.shape[0]
+    out_h = (h + sum(pads[0]) - k) // stride + 1
+    out_w = (w + sum(pads[1]) - k) // stride + 1
+    # vmap (multi-seed training) runs the kernel once per mapped element
+    call = jax.ffi.ffi_call("manifold_dw_fwd", jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype),
+                            vmap_method="sequential")
+    return call(x, taps, **_native_attrs(stride, pads))
+
+
+def _native_depthwise_fwd(x, taps, stride, pads):
+    return _native_depthwise(x, taps, stride, pads), (x, taps)
+
+
+def _native_depthwise_bwd(stride, pads, residuals, g):
+    x, taps = residuals
+    call = jax.ffi.ffi_call("manifold_dw_bwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                jax.ShapeDtypeStruct(taps.shape, taps.dtype)),
+                            vmap_method="sequential")
+    return tuple(call(x, taps, g.astype(x.dtype), **_native_attrs(stride, pads)))
+
+
+_native_depthwise.defvjp(_native_depthwise_fwd, _native_depthwise_bwd)
 
 
 class DepthwiseBN(nnx.Module):

@@ -147,11 +147,29 @@ def batch_norm_act(bn: nnx.BatchNorm, x: Array, train: bool, act: str) -> Array:
     return y
 
 
+#: im2col (one matmul over stacked windows) for convolutions whose k * k * C_in is at most this
+IM2COL_MAX_DEPTH = 64
+
+
+def im2col(x: Array, k: int, stride: int, pads: list[tuple[int, int]]) -> Array:
+    """The k * k strided windows of padded NHWC ``x`` stacked on the channel axis, in HWI order
+    (tap-major, as an HWIO kernel reshaped to ``(k * k * C_in, C_out)``): ``[N, OH, OW, k*k*C]``."""
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h, out_w = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+    windows = [jax.lax.slice(xp, (0, i, j, 0),
+                             (xp.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
+                              xp.shape[3]), (1, stride, stride, 1))
+               for i in range(k) for j in range(k)]
+    return jnp.concatenate(windows, axis=-1)
+
+
 class ConvBN(nnx.Module):
     """A dense (ungrouped) convolution without bias, BatchNorm, then an activation.
 
-    1x1 stride-1 convolutions are computed as a matmul over the channel axis (faster than XLA's
-    convolution on CPU for these shapes; identical result).
+    1x1 stride-1 convolutions are computed as a matmul over the channel axis, and convolutions with
+    few input channels (the stem: k * k * C_in <= ``IM2COL_MAX_DEPTH``) as one matmul over the
+    k * k shifted windows stacked on the channel axis (im2col); both are faster than XLA's
+    convolution on CPU for these shapes, with the same result up to float32 rounding.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 1, stride: int = 1,
@@ -177,6 +195,11 @@ class ConvBN(nnx.Module):
             pixels = x.reshape(-1, x.shape[-1])
             return jnp.dot(pixels, kernel[0, 0]).reshape(*x.shape[:-1], kernel.shape[-1])
         pads = [pad_amounts(n, self.kernel_size, self.stride, self.padding) for n in x.shape[1:3]]
+        k, c_in = self.kernel_size, x.shape[-1]
+        if k * k * c_in <= IM2COL_MAX_DEPTH:
+            columns = im2col(x, k, self.stride, pads)
+            out = jnp.dot(columns.reshape(-1, k * k * c_in), kernel.reshape(k * k * c_in, -1))
+            return out.reshape(*columns.shape[:-1], kernel.shape[-1])
         return jax.lax.conv_general_dilated(
             x, kernel, (self.stride, self.stride), pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -1,0 +1,126 @@
+"""Native XLA:CPU kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
+
+The source files beside this module are compiled with the system C++ compiler (``$CXX``, else
+``c++``/``g++``, C++20, ``-O3 -march=native``) against the FFI headers that jaxlib ships
+(``jax.ffi.include_dir()``), into ``$MANIFOLD_LAB_CACHE`` (default ``~/.cache/manifold_lab``).
+The file name holds a hash of the source, the flags, the jaxlib version and the CPU's feature
+flags, so a changed source or another machine sharing the home directory gets its own build; the
+library is written under a temporary name and renamed into place, so processes that build at the
+same time (the sweep's workers, pytest-xdist) never load a half-written file.
+
+Where no compiler is found or the build fails, :func:`load` returns None and says why once
+(``reason()``); callers then use their pure-JAX form. ``MANIFOLD_LAB_NATIVE=0`` turns the native
+kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+
+SOURCE_DIR = Path(__file__).resolve().parent
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
+ENV_SWITCH = "MANIFOLD_LAB_NATIVE"
+ENV_CACHE = "MANIFOLD_LAB_CACHE"
+
+#: FFI targets of each library: (XLA target name, exported handler symbol)
+TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "depthwise": (("manifold_dw_fwd", "ManifoldDepthwiseForward"),
+                  ("manifold_dw_bwd", "ManifoldDepthwiseBackward")),
+}
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_reasons: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "manifold_lab"
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use, or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(name: str, cxx: str) -> Path:
+    """The cached library's path for this source, compiler, flags, jaxlib and CPU."""
+    source = (SOURCE_DIR / f"{name}.cc").read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(),
+                                     jax.__version__.encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    return cache_dir() / f"{name}-{key}.so"
+
+
+def _build(name: str, cxx: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE_DIR / f"{name}.cc"), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{Path(cxx).name} exited with {proc.returncode}: {last}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """Build (once per source and machine), load and register library ``name`` with XLA:CPU;
+    None where that is not possible (see :func:`reason`)."""
+    if name in _loaded:
+        return _loaded[name]
+    lib = None
+    try:
+        if os.environ.get(ENV_SWITCH, "1") == "0":
+            raise RuntimeError(f"turned off by {ENV_SWITCH}=0")
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+        path = library_path(name, cxx)
+        if not path.exists():
+            _build(name, cxx, path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        for target, symbol in TARGETS[name]:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as exc:
+        _reasons[name] = str(exc)
+        if os.environ.get(ENV_SWITCH, "1") != "0":
+            warnings.warn(f"native {name} kernels unavailable ({exc}); using the pure-JAX form",
+                          RuntimeWarning, stacklevel=2)
+        lib = None
+    _loaded[name] = lib
+    return lib
+
+
+def reason(name: str) -> str | None:
+    """Why :func:`load` returned None for ``name`` (None if it loaded or was not tried)."""
+    return _reasons.get(name)

@@ -1,0 +1,402 @@
+// Depthwise k x k convolution on NHWC float32 tensors for XLA:CPU, as XLA FFI custom calls.
+//
+// Why: XLA:CPU runs a grouped convolution at under 1 GFLOP/s, and the pure-JAX shift form
+// (manifold_lab/models/depthwise.py) pays for a padded copy of the input and, in the backward
+// pass, for nine materialised tap windows. These kernels read each tensor once, handle the padding
+// by bounds, vectorise over the channel axis (contiguous in NHWC) and split their rows over XLA's
+// own intra-op thread pool.
+//
+// Geometry (shared by all three): input x [N, H, W, C], taps [k, k, C] (HWIO without the unit
+// input axis), output [N, OH, OW, C]; output pixel (oh, ow) reads input pixel
+// (oh * stride + i - pad_top, ow * stride + j - pad_left) for tap (i, j); pixels outside the
+// input are zero.
+//
+//   manifold_dw_fwd: y = depthwise(x, taps)
+//   manifold_dw_bwd: (dx, dtaps) from (x, taps, dy). dx is gathered per input row (no write races);
+//                    dtaps is summed per fixed chunk of output rows and the chunk partials are
+//                    added in chunk order, so the result does not depend on thread scheduling.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+
+struct Geometry {
+  int64_t n, h, w, c, k, oh, ow, stride, pad_top, pad_left;
+};
+
+// Runs body(task) for task in [0, tasks) on the calling thread and on up to num_threads - 1
+// helpers from XLA's pool. The caller never waits on a helper that has not started: it takes
+// tasks itself and waits only for tasks that a running helper has taken, so it cannot deadlock
+// when the pool is busy. Late helpers find no task left and return.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t tasks = 0;
+    const Body* body = nullptr;
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  state->tasks = tasks;
+  state->body = &body;
+  auto work = [state]() {
+    for (int64_t t; (t = state->next.fetch_add(1)) < state->tasks;) {
+      (*state->body)(t);
+      if (state->done.fetch_add(1) + 1 == state->tasks) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == state->tasks; });
+}
+
+// One valid tap of an output row: the source row it reads, its per-channel weights, and where
+// output column m reads in that row (source column m * step + offset).
+struct RowTap {
+  const float* src;
+  const float* weights;
+  int64_t offset;
+};
+
+// 16 floats in one (AVX-512) or two (AVX2, NEON: four) vector registers; aligned(4) makes loads
+// and stores through a pointer to it unaligned ones.
+typedef float Vec __attribute__((vector_size(64), aligned(4)));
+constexpr int kLanes = 16;
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// out[m * out_step] (+ c0 .. c0 + V * 16) = sum over taps of src[m * src_step + offset] * weights
+// for P consecutive m starting at m0: P x V vector accumulators (P pixels of V * 16 channels)
+// held in registers, so the multiply-adds of different pixels do not wait on each other.
+// Checked: skip source columns outside [0, src_w).
+template <int V, int P, bool Checked>
+inline void GatherBlock(const RowTap* taps, int ntaps, int64_t src_step, int64_t src_w,
+                        int64_t channels, float* out, int64_t out_step, int64_t m0, int64_t c0) {
+  Vec acc[P][V] = {};
+  for (int t = 0; t < ntaps; ++t) {
+    Vec w[V];
+    for (int v = 0; v < V; ++v) w[v] = Load(taps[t].weights + c0 + v * kLanes);
+    for (int p = 0; p < P; ++p) {
+      const int64_t col = (m0 + p) * src_step + taps[t].offset;
+      if (Checked && (col < 0 || col >= src_w)) continue;
+      const float* x = taps[t].src + col * channels + c0;
+      for (int v = 0; v < V; ++v) acc[p][v] += Load(x + v * kLanes) * w[v];
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int v = 0; v < V; ++v) Store(out + (m0 + p) * out_step + c0 + v * kLanes, acc[p][v]);
+  }
+}
+
+// The same for channels [c0, c0 + len), len < 16, one at a time.
+template <bool Checked>
+inline void GatherTail(const RowTap* taps, int ntaps, int64_t src_step, int64_t src_w,
+                       int64_t channels, float* out, int64_t out_step, int64_t m, int64_t c0) {
+  for (int64_t c = c0; c < channels; ++c) {
+    float acc = 0.0f;
+    for (int t = 0; t < ntaps; ++t) {
+      const int64_t col = m * src_step + taps[t].offset;
+      if (Checked && (col < 0 || col >= src_w)) continue;
+      acc += taps[t].src[col * channels + c] * taps[t].weights[c];
+    }
+    out[m * out_step + c] = acc;
+  }
+}
+
+constexpr int kPrefetchBlocks = 4;
+
+// All channels of output columns [m_begin, m_end), P pixels at a time.
+// Tap `fresh` reads the source row that no earlier output row has read (the others are in
+// cache); its columns are prefetched a few pixel blocks ahead.
+template <int P, bool Checked>
+inline void GatherColumns(const RowTap* taps, int ntaps, int fresh, int64_t src_step,
+                          int64_t src_w, int64_t channels, float* out, int64_t out_step,
+                          int64_t m_begin, int64_t m_end) {
+  for (int64_t m = m_begin; m + P <= m_end; m += P) {
+    if (!Checked) {
+      const int64_t col = (m + kPrefetchBlocks * P) * src_step + taps[fresh].offset;
+      if (col + P * src_step <= src_w) {
+        const float* begin = taps[fresh].src + col * channels;
+        const float* end = begin + P * src_step * channels;
+        for (const float* q = begin; q < end; q += kLanes) __builtin_prefetch(q);
+      }
+    }
+    int64_t c0 = 0;
+    for (; c0 + 2 * kLanes <= channels; c0 += 2 * kLanes) {
+      GatherBlock<2, P, Checked>(taps, ntaps, src_step, src_w, channels, out, out_step, m, c0);
+    }
+    if (c0 + kLanes <= channels) {
+      GatherBlock<1, P, Checked>(taps, ntaps, src_step, src_w, channels, out, out_step, m, c0);
+      c0 += kLanes;
+    }
+    if (c0 < channels) {
+      for (int p = 0; p < P; ++p) {
+        GatherTail<Checked>(taps, ntaps, src_step, src_w, channels, out, out_step, m + p, c0);
+      }
+    }
+  }
+}
+
+// Output columns m in [0, count) of one row: m reads source column m * src_step + offset of
+// each tap. Columns where every tap lands inside the source row take the unchecked, 4-pixel
+// path; the edges take the checked one.
+inline void GatherRow(const RowTap* taps, int ntaps, int fresh, int64_t src_step,
+                      int64_t src_w, int64_t channels, float* out, int64_t out_step,
+                      int64_t count) {
+  if (ntaps == 0) {
+    for (int64_t m = 0; m < count; ++m) std::memset(out + m * out_step, 0, channels * 4);
+    return;
+  }
+  int64_t lo = 0, hi = count;  // interior: 0 <= m * step + offset <= src_w - 1 for every tap
+  for (int t = 0; t < ntaps; ++t) {
+    const int64_t off = taps[t].offset;
+    lo = std::max<int64_t>(lo, off >= 0 ? 0 : (-off + src_step - 1) / src_step);
+    hi = std::min<int64_t>(hi, src_w - 1 - off < 0 ? 0 : (src_w - 1 - off) / src_step + 1);
+  }
+  if (hi <= lo) {
+    GatherColumns<1, true>(taps, ntaps, fresh, src_step, src_w, channels, out, out_step, 0,
+                           count);
+    return;
+  }
+  constexpr int kPixels = 4;
+  const int64_t mid = lo + (hi - lo) / kPixels * kPixels;
+  const auto columns = [&]<int P, bool Checked>(int64_t begin, int64_t end) {
+    GatherColumns<P, Checked>(taps, ntaps, fresh, src_step, src_w, channels, out, out_step,
+                              begin, end);
+  };
+  columns.template operator()<1, true>(0, lo);
+  columns.template operator()<kPixels, false>(lo, mid);
+  columns.template operator()<1, false>(mid, hi);
+  columns.template operator()<1, true>(hi, count);
+}
+
+constexpr int kMaxTaps = 64;  // k <= 8
+
+// One output row (n, oh) of the forward convolution.
+void ForwardRow(const Geometry& g, const float* x, const float* taps, float* y, int64_t n,
+                int64_t oh) {
+  RowTap row_taps[kMaxTaps];
+  int ntaps = 0;
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t r = oh * g.stride + i - g.pad_top;
+    if (r < 0 || r >= g.h) continue;
+    for (int64_t j = 0; j < g.k; ++j) {
+      row_taps[ntaps++] = {x + (n * g.h + r) * g.w * g.c, taps + (i * g.k + j) * g.c,
+                           j - g.pad_left};
+    }
+  }
+  // the bottom row (the last tap) is the one the previous output row did not read
+  GatherRow(row_taps, ntaps, ntaps - 1, g.stride, g.w, g.c, y + (n * g.oh + oh) * g.ow * g.c,
+            g.c, g.ow);
+}
+
+// One input row (n, r) of the input gradient, gathered: input column col = rho + m * stride
+// receives dy column m + (rho + pad_left - j) / stride from every tap j with
+// (rho + pad_left - j) divisible by the stride, so each residue rho is one gather over m.
+void InputGradRow(const Geometry& g, const float* taps, const float* dy, float* dx, int64_t n,
+                  int64_t r) {
+  float* dxrow = dx + (n * g.h + r) * g.w * g.c;
+  for (int64_t rho = 0; rho < std::min(g.stride, g.w); ++rho) {
+    RowTap row_taps[kMaxTaps];
+    int ntaps = 0;
+    for (int64_t i = 0; i < g.k; ++i) {
+      const int64_t qh = r + g.pad_top - i;
+      if (qh < 0 || qh % g.stride != 0 || qh / g.stride >= g.oh) continue;
+      const float* dyrow = dy + (n * g.oh + qh / g.stride) * g.ow * g.c;
+      for (int64_t j = 0; j < g.k; ++j) {
+        const int64_t q = rho + g.pad_left - j;
+        if (((q % g.stride) + g.stride) % g.stride != 0) continue;
+        row_taps[ntaps++] = {dyrow, taps + (i * g.k + j) * g.c, q / g.stride};
+      }
+    }
+    // the lowest dy row (the first tap) is the one the previous input row did not read
+    GatherRow(row_taps, ntaps, 0, 1, g.ow, g.c, dxrow + rho * g.c, g.stride * g.c,
+              (g.w - rho + g.stride - 1) / g.stride);
+  }
+}
+
+// partial[c0 .. c0 + V * 16] += sum over ow in [lo, hi) of x[ow * stride + offset] * dy[ow],
+// with P independent partial sums (ow = lo + p mod P) so that consecutive multiply-adds do not
+// wait on each other.
+template <int V, int P>
+inline void TapGradBlock(const float* xrow, const float* dyrow, int64_t stride, int64_t offset,
+                         int64_t channels, int64_t lo, int64_t hi, int64_t c0, float* partial) {
+  Vec acc[P][V] = {};
+  int64_t ow = lo;
+  for (; ow + P <= hi; ow += P) {
+    for (int p = 0; p < P; ++p) {
+      const float* xp = xrow + ((ow + p) * stride + offset) * channels + c0;
+      const float* gp = dyrow + (ow + p) * channels + c0;
+      for (int v = 0; v < V; ++v) acc[p][v] += Load(xp + v * kLanes) * Load(gp + v * kLanes);
+    }
+  }
+  for (; ow < hi; ++ow) {
+    const float* xp = xrow + (ow * stride + offset) * channels + c0;
+    const float* gp = dyrow + ow * channels + c0;
+    for (int v = 0; v < V; ++v) acc[0][v] += Load(xp + v * kLanes) * Load(gp + v * kLanes);
+  }
+  for (int v = 0; v < V; ++v) {
+    Vec sum = Load(partial + c0 + v * kLanes);
+    for (int p = 0; p < P; ++p) sum += acc[p][v];
+    Store(partial + c0 + v * kLanes, sum);
+  }
+}
+
+// partial[k, k, C] += the tap gradients of output row (n, oh).
+void TapGradRow(const Geometry& g, const float* x, const float* dy, float* partial, int64_t n,
+                int64_t oh) {
+  const float* dyrow = dy + (n * g.oh + oh) * g.ow * g.c;
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t r = oh * g.stride + i - g.pad_top;
+    if (r < 0 || r >= g.h) continue;
+    const float* xrow = x + (n * g.h + r) * g.w * g.c;
+    for (int64_t j = 0; j < g.k; ++j) {
+      // output columns whose input column ow * stride + j - pad_left lies inside the row
+      const int64_t off = j - g.pad_left;
+      const int64_t lo = off >= 0 ? 0 : (-off + g.stride - 1) / g.stride;
+      const int64_t hi = std::min<int64_t>(g.ow, g.w - 1 - off < 0 ? 0 : (g.w - 1 - off) / g.stride + 1);
+      float* pp = partial + (i * g.k + j) * g.c;
+      int64_t c0 = 0;
+      for (; c0 + 2 * kLanes <= g.c; c0 += 2 * kLanes) {
+        TapGradBlock<2, 4>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, pp);
+      }
+      if (c0 + kLanes <= g.c) {
+        TapGradBlock<1, 4>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, pp);
+        c0 += kLanes;
+      }
+      for (; c0 < g.c; ++c0) {  // fewer than 16 channels left
+        for (int64_t ow = lo; ow < hi; ++ow) pp[c0] += xrow[(ow * g.stride + off) * g.c + c0] * dyrow[ow * g.c + c0];
+      }
+    }
+  }
+}
+
+ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& taps,
+                         int64_t oh, int64_t ow, int64_t stride, int64_t pad_top,
+                         int64_t pad_left, Geometry* g) {
+  const auto xd = x.dimensions();
+  const auto td = taps.dimensions();
+  if (xd.size() != 4 || td.size() != 3 || td[0] != td[1] || td[2] != xd[3]) {
+    return ffi::Error::InvalidArgument("depthwise: expected x [N,H,W,C] and taps [k,k,C]");
+  }
+  if (stride < 1 || pad_top < 0 || pad_left < 0) {
+    return ffi::Error::InvalidArgument("depthwise: stride must be >= 1 and pads >= 0");
+  }
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], td[0], oh, ow, stride, pad_top, pad_left};
+  return ffi::Error::Success();
+}
+
+// Output rows per task: enough work per task to amortise scheduling, enough tasks to balance.
+int64_t RowsPerTask(int64_t rows, int64_t row_elems) {
+  const int64_t target = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_elems));
+  return std::max<int64_t>(1, std::min<int64_t>(target, rows / 16));
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> taps, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto yd = y->dimensions();
+  Geometry g;
+  if (auto err = CheckGeometry(x, taps, yd[1], yd[2], stride, pad_top, pad_left, &g);
+      err.failure()) {
+    return err;
+  }
+  const float* xp = x.typed_data();
+  const float* tp = taps.typed_data();
+  float* yp = y->typed_data();
+  const int64_t rows = g.n * g.oh;
+  const int64_t per = RowsPerTask(rows, g.ow * g.c);
+  ParallelFor(pool, (rows + per - 1) / per, [&](int64_t t) {
+    for (int64_t row = t * per; row < std::min(rows, (t + 1) * per); ++row) {
+      ForwardRow(g, xp, tp, yp, row / g.oh, row % g.oh);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dtaps,
+                             int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto gd = dy.dimensions();
+  Geometry g;
+  if (auto err = CheckGeometry(x, taps, gd[1], gd[2], stride, pad_top, pad_left, &g);
+      err.failure()) {
+    return err;
+  }
+  const float* xp = x.typed_data();
+  const float* tp = taps.typed_data();
+  const float* gp = dy.typed_data();
+  float* dxp = dx->typed_data();
+
+  const int64_t in_rows = g.n * g.h;
+  const int64_t in_per = RowsPerTask(in_rows, g.w * g.c);
+  ParallelFor(pool, (in_rows + in_per - 1) / in_per, [&](int64_t t) {
+    for (int64_t row = t * in_per; row < std::min(in_rows, (t + 1) * in_per); ++row) {
+      InputGradRow(g, tp, gp, dxp, row / g.h, row % g.h);
+    }
+  });
+
+  // A fixed number of chunks (independent of the thread count) keeps dtaps deterministic.
+  const int64_t out_rows = g.n * g.oh;
+  const int64_t chunks = std::min<int64_t>(out_rows, 32);
+  const int64_t tap_elems = g.k * g.k * g.c;
+  std::vector<float> partial(chunks * tap_elems, 0.0f);
+  ParallelFor(pool, chunks, [&](int64_t t) {
+    const int64_t begin = out_rows * t / chunks, end = out_rows * (t + 1) / chunks;
+    for (int64_t row = begin; row < end; ++row) {
+      TapGradRow(g, xp, gp, partial.data() + t * tap_elems, row / g.oh, row % g.oh);
+    }
+  });
+  float* out = dtaps->typed_data();
+  std::memcpy(out, partial.data(), tap_elems * sizeof(float));
+  for (int64_t t = 1; t < chunks; ++t) {
+    const float* p = partial.data() + t * tap_elems;
+    for (int64_t e = 0; e < tap_elems; ++e) out[e] += p[e];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseForward, DepthwiseForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseBackward, DepthwiseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));

@@ -1,0 +1,112 @@
+"""The native depthwise kernel (C++ through XLA's FFI): equal to XLA's grouped convolution on the
+shapes that reach each of its code paths, under vmap and jit, deterministic, and replaced by the
+shift form where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from manifold_lab import native
+from manifold_lab.models import depthwise_conv, output_size, resolve_impl
+
+
+def value_and_grads(impl: str, x, kernel, cot, stride: int, padding: str):
+    @jax.jit
+    def run(x, kernel, cot):
+        y, vjp = jax.vjp(lambda x, k: depthwise_conv(x, k, stride=stride, padding=padding, impl=impl),
+                         x, kernel)
+        return (y, *vjp(cot))
+    return run(x, kernel, cot)
+
+
+def draw(size: tuple[int, int], channels: int, stride: int, padding: str, batch: int = 2, seed: int = 0):
+    kx, kk, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (batch, *size, channels))
+    kernel = jax.random.normal(kk, (3, 3, 1, channels))
+    out = tuple(output_size(n, 3, stride, padding) for n in size)
+    return x, kernel, jax.random.normal(kg, (batch, *out, channels))
+
+
+# channel counts reach the 32-channel blocks, one 16-channel block and the scalar tail; sizes reach
+# the 4-pixel interior path (16 wide), rows shorter than a pixel block (3) and odd sizes
+@pytest.mark.parametrize("size, channels, stride, padding", [
+    ((16, 16), 48, 1, "same"), ((16, 16), 48, 2, "same"), ((15, 17), 37, 2, "same"),
+    ((15, 17), 37, 1, "symmetric"), ((16, 12), 21, 2, "symmetric"), ((3, 3), 5, 1, "same"),
+    ((3, 5), 70, 2, "same"), ((1, 1), 16, 1, "same"),
+])
+def test_native_equals_xla(size, channels, stride, padding):
+    x, kernel, cot = draw(size, channels, stride, padding)
+    got = value_and_grads("native", x, kernel, cot, stride, padding)
+    want = value_and_grads("xla", x, kernel, cot, stride, padding)
+    assert got[0].shape == want[0].shape and got[2].shape == kernel.shape
+    for g, w in zip(got, want):
+        assert float(jnp.max(jnp.abs(w))) > 0.1
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5)
+
+
+def test_native_is_deterministic():
+    """The tap gradient sums fixed row chunks in a fixed order, whatever the threads do."""
+    x, kernel, cot = draw((32, 32), 64, 1, "same", batch=4, seed=3)
+    first = value_and_grads("native", x, kernel, cot, 1, "same")
+    for _ in range(3):
+        again = value_and_grads("native", x, kernel, cot, 1, "same")
+        for a, b in zip(first, again):
+            assert bool(jnp.all(a == b))
+
+
+def test_native_under_vmap():
+    """vmap over a leading axis of both the input and the kernel (multi-seed training) equals
+    the kernel run once per element."""
+    xs, kernels, cots = zip(*(draw((9, 9), 20, 2, "same", seed=s) for s in range(3)))
+    x, kernel, cot = jnp.stack(xs), jnp.stack(kernels), jnp.stack(cots)
+
+    def one(x, kernel, cot):
+        y, vjp = jax.vjp(lambda x, k: depthwise_conv(x, k, stride=2, impl="native"), x, kernel)
+        return (y, *vjp(cot))
+
+    mapped = jax.jit(jax.vmap(one))(x, kernel, cot)
+    for i in range(3):
+        single = jax.jit(one)(x[i], kernel[i], cot[i])
+        for m, s in zip(mapped, single):
+            np.testing.assert_allclose(np.asarray(m[i]), np.asarray(s), atol=1e-6, rtol=1e-6)
+
+
+def test_native_takes_float32_only():
+    """bfloat16 activations go through the shift form (same result as xla in bfloat16 rounding)."""
+    x, kernel, cot = draw((8, 8), 16, 1, "same")
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    y = jax.jit(lambda x, k: depthwise_conv(x, k, impl="native"))(x, kernel)
+    ref = jax.jit(lambda x, k: depthwise_conv(x, k, impl="xla"))(x, kernel)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), atol=0.1, rtol=0.05)
+
+
+def test_no_compiler_falls_back_to_shift(monkeypatch):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_reasons", {})
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert resolve_impl("auto") == "shift"
+    with pytest.raises(ValueError, match="unavailable: no C\\+\\+ compiler"):
+        resolve_impl("native")
+
+
+def test_fresh_cache_builds_and_switch_turns_off(tmp_path):
+    """A new cache folder gets the library built into it; MANIFOLD_LAB_NATIVE=0 keeps the shift form."""
+    script = ("from manifold_lab.models import resolve_impl; import manifold_lab.native as n; "
+              "print(resolve_impl('auto'), n.reason('depthwise'))")
+    env = {**os.environ, native.ENV_CACHE: str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["native", "None"]
+    built = list(tmp_path.glob("depthwise-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".*.tmp"))
+    env[native.ENV_SWITCH] = "0"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "shift" and "MANIFOLD_LAB_NATIVE=0" in out.stdout
