@@ -1,6 +1,6 @@
 """The native depthwise kernel (C++ through XLA's FFI): equal to XLA's grouped convolution on the
-shapes that reach each of its code paths, under vmap and jit, deterministic, and replaced by the
-shift form where it cannot be built."""
+shapes that reach each of its code paths, under vmap and jit, deterministic, replaced by the shift
+form where it cannot be built, and, in inference, equal to the layers it fuses."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from manifold_lab import native
-from manifold_lab.models import depthwise_conv, output_size, resolve_impl
+from manifold_lab.models import build_model, depthwise_conv, model_config, output_size, resolve_impl
+from manifold_lab.models.depthwise import fused_inference_depthwise
+from manifold_lab.models.layers import activation
 
 
 def value_and_grads(impl: str, x, kernel, cot, stride: int, padding: str):
@@ -110,3 +113,52 @@ def test_fresh_cache_builds_and_switch_turns_off(tmp_path):
     env[native.ENV_SWITCH] = "0"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "shift" and "MANIFOLD_LAB_NATIVE=0" in out.stdout
+
+
+def random_batch_norm(channels: int, seed: int) -> nnx.BatchNorm:
+    """A BatchNorm with non-trivial parameters and running statistics."""
+    bn = nnx.BatchNorm(channels, rngs=nnx.Rngs(0))
+    ks = jax.random.split(jax.random.key(seed), 4)
+    bn.scale[...] = 1.0 + 0.5 * jax.random.normal(ks[0], (channels,))
+    bn.bias[...] = jax.random.normal(ks[1], (channels,))
+    bn.mean[...] = jax.random.normal(ks[2], (channels,))
+    bn.var[...] = jax.random.uniform(ks[3], (channels,), minval=0.2, maxval=2.0)
+    return bn
+
+
+@pytest.mark.parametrize("size, channels, stride, padding, in_act, out_act", [
+    ((16, 16), 48, 1, "same", "relu6", "relu6"), ((15, 17), 37, 2, "same", "relu6", "relu6"),
+    ((9, 8), 21, 2, "symmetric", "relu", "linear"), ((3, 3), 5, 1, "same", None, "relu6"),
+    ((16, 16), 32, 2, "same", None, "relu"),
+])
+def test_fused_inference_equals_composition(size, channels, stride, padding, in_act, out_act):
+    """Inference with BatchNorm (running statistics) and activations folded into the kernel equals
+    the layers one after another, padding included (zeros after the input activation)."""
+    x, kernel, _ = draw(size, channels, stride, padding, seed=7)
+    x = 3.0 * x  # reach both ReLU6 bounds
+    in_bn, out_bn = random_batch_norm(channels, 1), random_batch_norm(channels, 2)
+    inner = x if in_act is None else activation(in_act)(in_bn(x, use_running_average=True))
+    want = activation(out_act)(out_bn(depthwise_conv(inner, kernel, stride=stride, padding=padding, impl="xla"),
+                                      use_running_average=True))
+    got = fused_inference_depthwise(x, kernel, stride=stride, padding=padding, out_bn=out_bn, out_act=out_act,
+                                    in_bn=None if in_act is None else in_bn, in_act=in_act or "linear")
+    assert float(jnp.max(jnp.abs(want))) > 1.0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("residual", ["bottleneck", "expansion", "none"])
+def test_model_inference_native_equals_shift(residual):
+    """Whole-network inference through the fused kernels (expansion BatchNorm + ReLU6 folded into
+    the depthwise call where nothing else reads the expanded tensor) equals the shift form."""
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    logits = {}
+    for impl in ("native", "shift"):
+        cfg = model_config("mobilenet_v2", width=0.35, preset="small", num_classes=10, in_channels=3,
+                           depthwise_impl=impl, residual=residual)
+        model = build_model(cfg, rngs=nnx.Rngs(0))
+        model(x, train=True, dropout_key=jax.random.key(2))  # non-trivial running statistics
+        logits[impl] = jax.jit(lambda x, m=model: m(x, train=False))(x)
+        _, captured = model(x, train=False, capture=True)  # the unfused path keeps every intermediate
+        assert all(value is not None for value in captured.values())
+    assert float(jnp.max(jnp.abs(logits["shift"]))) > 0.01
+    np.testing.assert_allclose(np.asarray(logits["native"]), np.asarray(logits["shift"]), atol=1e-5, rtol=1e-4)

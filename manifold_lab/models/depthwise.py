@@ -168,6 +168,38 @@ def _native_depthwise_bwd(stride, pads, residuals, g):
 
 _native_depthwise.defvjp(_native_depthwise_fwd, _native_depthwise_bwd)
 
+#: (lo, hi) clamp of each activation, as the fused kernel applies it
+ACTIVATION_BOUNDS: dict[str, tuple[float, float]] = {
+    "linear": (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
+
+
+def folded_batch_norm(bn: nnx.BatchNorm) -> tuple[Array, Array]:
+    """(scale, bias) with ``bn(x) = x * scale + bias`` under the running statistics."""
+    scale = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+    return scale, bn.bias[...] - bn.mean[...] * scale
+
+
+def fused_inference_depthwise(x: Array, kernel: Array, *, stride: int, padding: str,
+                              out_bn: nnx.BatchNorm, out_act: str,
+                              in_bn: nnx.BatchNorm | None = None, in_act: str = "linear") -> Array:
+    """Inference ``out_act(out_bn(depthwise(in_act(in_bn(x)))))`` in one native kernel call, with
+    both BatchNorms under their running statistics; without ``in_bn``, ``x`` is the depthwise
+    input itself. Neither the depthwise input nor its raw output is written out. Needs the
+    native form (see :func:`resolve_impl`) and float32."""
+    k = kernel.shape[0]
+    pads = tuple(pad_amounts(n, k, stride, padding) for n in x.shape[1:3])
+    n, h, w, c = x.shape
+    out_h = (h + sum(pads[0]) - k) // stride + 1
+    out_w = (w + sum(pads[1]) - k) // stride + 1
+    out_scale, out_bias = folded_batch_norm(out_bn)
+    in_scale, in_bias = folded_batch_norm(in_bn) if in_bn is not None else (out_scale, out_bias)
+    bounds = [np.float32(b) for b in (*ACTIVATION_BOUNDS[in_act], *ACTIVATION_BOUNDS[out_act])]
+    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype),
+                            vmap_method="sequential")
+    return call(x, kernel[:, :, 0, :], in_scale, in_bias, out_scale, out_bias, **_native_attrs(stride, pads),
+                fuse_input=np.int64(in_bn is not None), in_lo=bounds[0], in_hi=bounds[1], out_lo=bounds[2],
+                out_hi=bounds[3])
+
 
 class DepthwiseBN(nnx.Module):
     """3x3 depthwise convolution without bias, BatchNorm, then an activation (ReLU6 by default)."""
@@ -185,7 +217,21 @@ class DepthwiseBN(nnx.Module):
         self.bn = nnx.BatchNorm(channels, momentum=bn_momentum, epsilon=bn_epsilon,
                                 dtype=self.dtype, rngs=rngs)
 
-    def __call__(self, x: Array, train: bool) -> Array:
+    def fuses_inference(self) -> bool:
+        """Whether inference runs as one native kernel call with this layer's BatchNorm and
+        activation (and optionally the previous layer's, see ``__call__``) folded in."""
+        return resolve_impl(self.impl) == "native" and self.dtype == jnp.float32
+
+    def __call__(self, x: Array, train: bool, input_bn: tuple[nnx.BatchNorm, str] | None = None) -> Array:
+        """``act(bn(depthwise(x)))``. ``input_bn`` (inference with :meth:`fuses_inference` only):
+        ``x`` is the previous convolution's raw output and ``(bn, act)`` its BatchNorm and
+        activation, applied inside the kernel."""
+        if not train and self.fuses_inference():
+            in_bn, in_act = input_bn if input_bn is not None else (None, "linear")
+            return fused_inference_depthwise(x, self.kernel[...], stride=self.stride, padding=self.padding,
+                                             out_bn=self.bn, out_act=self.act, in_bn=in_bn, in_act=in_act)
+        if input_bn is not None:
+            raise ValueError("input_bn needs inference mode and the native float32 depthwise form")
         y = depthwise_conv(x, self.kernel[...].astype(self.dtype), stride=self.stride,
                            padding=self.padding, impl=self.impl)
         return batch_norm_act(self.bn, y, train, self.act)

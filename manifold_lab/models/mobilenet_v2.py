@@ -79,6 +79,7 @@ class InvertedResidual(nnx.Module):
         self.index = spec.index
         self.bottleneck_shortcut = config.residual == "bottleneck" and spec.bottleneck_shortcut
         self.expansion_shortcut = expansion_shortcut
+        self.keep_expanded = config.residual == "expansion"  # e_i feeds the next block's shortcut
         self.expansion = (ConvBN(spec.in_channels, spec.expanded_channels, act="relu6", **common)
                           if spec.has_expansion else None)
         self.depthwise = DepthwiseBN(spec.expanded_channels, stride=spec.stride, padding=config.padding,
@@ -87,12 +88,22 @@ class InvertedResidual(nnx.Module):
                                  act=config.bottleneck_activation, **common)
 
     def __call__(self, x: Array, prev_expanded: Array | None, train: bool,
-                 acts: dict[str, Array] | None = None) -> tuple[Array, Array]:
-        """Returns (block output x_{i+1}, expanded tensor e_i). ``prev_expanded`` is e_{i-1}."""
-        e = self.expansion(x, train) if self.expansion is not None else x
-        if self.expansion_shortcut:
-            e = e + prev_expanded
-        d = self.depthwise(e, train)
+                 acts: dict[str, Array] | None = None) -> tuple[Array, Array | None]:
+        """Returns (block output x_{i+1}, expanded tensor e_i). ``prev_expanded`` is e_{i-1}.
+
+        Inference with the native depthwise kernel folds the expansion's BatchNorm and ReLU6 into
+        that kernel (e_i is then never written out, and None is returned for it) wherever
+        nothing else reads e_i: no capture and no shortcuts between expansions."""
+        if (not train and acts is None and self.expansion is not None and not self.keep_expanded
+                and self.depthwise.fuses_inference()):
+            raw = self.expansion.conv(x)
+            d = self.depthwise(raw, train, input_bn=(self.expansion.bn, self.expansion.act))
+            e = None
+        else:
+            e = self.expansion(x, train) if self.expansion is not None else x
+            if self.expansion_shortcut:
+                e = e + prev_expanded
+            d = self.depthwise(e, train)
         y = self.projection(d, train)
         if self.bottleneck_shortcut:
             y = y + x

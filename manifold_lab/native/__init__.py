@@ -35,6 +35,7 @@ ENV_CACHE = "MANIFOLD_LAB_CACHE"
 #: FFI targets of each library: (XLA target name, exported handler symbol)
 TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
     "depthwise": (("manifold_dw_fwd", "ManifoldDepthwiseForward"),
+                  ("manifold_dw_fwd_fused", "ManifoldDepthwiseForwardFused"),
                   ("manifold_dw_bwd", "ManifoldDepthwiseBackward")),
 }
 

@@ -12,6 +12,8 @@
 // input are zero.
 //
 //   manifold_dw_fwd: y = depthwise(x, taps)
+//   manifold_dw_fwd_fused: inference, y = out(depthwise(in(x))) with per-channel affine + clamp
+//                    maps (BatchNorm with running statistics and ReLU6 folded into the kernel)
 //   manifold_dw_bwd: (dx, dtaps) from (x, taps, dy). dx is gathered per input row (no write races);
 //                    dtaps is summed per fixed chunk of output rows and the chunk partials are
 //                    added in chunk order, so the result does not depend on thread scheduling.
@@ -85,116 +87,158 @@ constexpr int kLanes = 16;
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
-// out[m * out_step] (+ c0 .. c0 + V * 16) = sum over taps of src[m * src_step + offset] * weights
-// for P consecutive m starting at m0: P x V vector accumulators (P pixels of V * 16 channels)
-// held in registers, so the multiply-adds of different pixels do not wait on each other.
-// Checked: skip source columns outside [0, src_w).
-template <int V, int P, bool Checked>
-inline void GatherBlock(const RowTap* taps, int ntaps, int64_t src_step, int64_t src_w,
-                        int64_t channels, float* out, int64_t out_step, int64_t m0, int64_t c0) {
+// A per-channel affine map followed by a clamp: y = min(max(x * scale + bias, lo), hi). It is
+// how BatchNorm in inference mode and ReLU6 / ReLU / linear fold into the forward kernel.
+struct Affine {
+  const float* scale;
+  const float* bias;
+  float lo, hi;
+};
+
+inline Vec Apply(Vec v, Vec scale, Vec bias, float lo, float hi) {
+  v = v * scale + bias;
+  v = v < lo ? lo : v;  // lane-wise selects
+  return v > hi ? hi : v;
+}
+
+inline float Apply(float v, const Affine& a, int64_t c) {
+  return std::min(std::max(v * a.scale[c] + a.bias[c], a.lo), a.hi);
+}
+
+// One row of a gather: output column m (m in [0, count)) is the sum over the taps of
+// src[m * src_step + offset] * weights, written at out + m * out_step. Optional transforms:
+// `in` on every source value (the previous layer's BatchNorm and activation, so that its
+// output is never written out), `out` on every result (this layer's BatchNorm and activation).
+// Padding stays zero after `in`, as in the unfused network.
+struct Gather {
+  const RowTap* taps;
+  int ntaps;
+  int fresh;  // the tap whose source row no earlier row read; it is prefetched ahead
+  int64_t src_step, src_w, channels;
+  float* out;
+  int64_t out_step, count;
+  const Affine* in;
+  const Affine* out_map;
+};
+
+// P consecutive output columns from m0, channels c0 .. c0 + V * 16: P x V vector accumulators
+// (P pixels of V * 16 channels) held in registers, so the multiply-adds of different pixels do
+// not wait on each other. Checked: skip source columns outside [0, src_w).
+template <int V, int P, bool Checked, bool In, bool Out>
+inline void GatherBlock(const Gather& g, int64_t m0, int64_t c0) {
+  Vec in_scale[V], in_bias[V];
+  if constexpr (In) {
+    for (int v = 0; v < V; ++v) {
+      in_scale[v] = Load(g.in->scale + c0 + v * kLanes);
+      in_bias[v] = Load(g.in->bias + c0 + v * kLanes);
+    }
+  }
   Vec acc[P][V] = {};
-  for (int t = 0; t < ntaps; ++t) {
+  for (int t = 0; t < g.ntaps; ++t) {
     Vec w[V];
-    for (int v = 0; v < V; ++v) w[v] = Load(taps[t].weights + c0 + v * kLanes);
+    for (int v = 0; v < V; ++v) w[v] = Load(g.taps[t].weights + c0 + v * kLanes);
     for (int p = 0; p < P; ++p) {
-      const int64_t col = (m0 + p) * src_step + taps[t].offset;
-      if (Checked && (col < 0 || col >= src_w)) continue;
-      const float* x = taps[t].src + col * channels + c0;
-      for (int v = 0; v < V; ++v) acc[p][v] += Load(x + v * kLanes) * w[v];
+      const int64_t col = (m0 + p) * g.src_step + g.taps[t].offset;
+      if (Checked && (col < 0 || col >= g.src_w)) continue;
+      const float* x = g.taps[t].src + col * g.channels + c0;
+      for (int v = 0; v < V; ++v) {
+        Vec value = Load(x + v * kLanes);
+        if constexpr (In) value = Apply(value, in_scale[v], in_bias[v], g.in->lo, g.in->hi);
+        acc[p][v] += value * w[v];
+      }
     }
   }
   for (int p = 0; p < P; ++p) {
-    for (int v = 0; v < V; ++v) Store(out + (m0 + p) * out_step + c0 + v * kLanes, acc[p][v]);
+    for (int v = 0; v < V; ++v) {
+      Vec result = acc[p][v];
+      if constexpr (Out) {
+        result = Apply(result, Load(g.out_map->scale + c0 + v * kLanes),
+                       Load(g.out_map->bias + c0 + v * kLanes), g.out_map->lo, g.out_map->hi);
+      }
+      Store(g.out + (m0 + p) * g.out_step + c0 + v * kLanes, result);
+    }
   }
 }
 
-// The same for channels [c0, c0 + len), len < 16, one at a time.
-template <bool Checked>
-inline void GatherTail(const RowTap* taps, int ntaps, int64_t src_step, int64_t src_w,
-                       int64_t channels, float* out, int64_t out_step, int64_t m, int64_t c0) {
-  for (int64_t c = c0; c < channels; ++c) {
+// The same for the last channels [c0, channels) (fewer than 16), one at a time.
+template <bool Checked, bool In, bool Out>
+inline void GatherTail(const Gather& g, int64_t m, int64_t c0) {
+  for (int64_t c = c0; c < g.channels; ++c) {
     float acc = 0.0f;
-    for (int t = 0; t < ntaps; ++t) {
-      const int64_t col = m * src_step + taps[t].offset;
-      if (Checked && (col < 0 || col >= src_w)) continue;
-      acc += taps[t].src[col * channels + c] * taps[t].weights[c];
+    for (int t = 0; t < g.ntaps; ++t) {
+      const int64_t col = m * g.src_step + g.taps[t].offset;
+      if (Checked && (col < 0 || col >= g.src_w)) continue;
+      float value = g.taps[t].src[col * g.channels + c];
+      if constexpr (In) value = Apply(value, *g.in, c);
+      acc += value * g.taps[t].weights[c];
     }
-    out[m * out_step + c] = acc;
+    if constexpr (Out) acc = Apply(acc, *g.out_map, c);
+    g.out[m * g.out_step + c] = acc;
   }
 }
 
 constexpr int kPrefetchBlocks = 4;
 
 // All channels of output columns [m_begin, m_end), P pixels at a time.
-// Tap `fresh` reads the source row that no earlier output row has read (the others are in
-// cache); its columns are prefetched a few pixel blocks ahead.
-template <int P, bool Checked>
-inline void GatherColumns(const RowTap* taps, int ntaps, int fresh, int64_t src_step,
-                          int64_t src_w, int64_t channels, float* out, int64_t out_step,
-                          int64_t m_begin, int64_t m_end) {
+template <int P, bool Checked, bool In, bool Out>
+inline void GatherColumns(const Gather& g, int64_t m_begin, int64_t m_end) {
   for (int64_t m = m_begin; m + P <= m_end; m += P) {
-    if (!Checked) {
-      const int64_t col = (m + kPrefetchBlocks * P) * src_step + taps[fresh].offset;
-      if (col + P * src_step <= src_w) {
-        const float* begin = taps[fresh].src + col * channels;
-        const float* end = begin + P * src_step * channels;
+    if constexpr (!Checked) {
+      const int64_t col = (m + kPrefetchBlocks * P) * g.src_step + g.taps[g.fresh].offset;
+      if (col + P * g.src_step <= g.src_w) {
+        const float* begin = g.taps[g.fresh].src + col * g.channels;
+        const float* end = begin + P * g.src_step * g.channels;
         for (const float* q = begin; q < end; q += kLanes) __builtin_prefetch(q);
       }
     }
     int64_t c0 = 0;
-    for (; c0 + 2 * kLanes <= channels; c0 += 2 * kLanes) {
-      GatherBlock<2, P, Checked>(taps, ntaps, src_step, src_w, channels, out, out_step, m, c0);
+    for (; c0 + 2 * kLanes <= g.channels; c0 += 2 * kLanes) {
+      GatherBlock<2, P, Checked, In, Out>(g, m, c0);
     }
-    if (c0 + kLanes <= channels) {
-      GatherBlock<1, P, Checked>(taps, ntaps, src_step, src_w, channels, out, out_step, m, c0);
+    if (c0 + kLanes <= g.channels) {
+      GatherBlock<1, P, Checked, In, Out>(g, m, c0);
       c0 += kLanes;
     }
-    if (c0 < channels) {
-      for (int p = 0; p < P; ++p) {
-        GatherTail<Checked>(taps, ntaps, src_step, src_w, channels, out, out_step, m + p, c0);
-      }
+    if (c0 < g.channels) {
+      for (int p = 0; p < P; ++p) GatherTail<Checked, In, Out>(g, m + p, c0);
     }
   }
 }
 
-// Output columns m in [0, count) of one row: m reads source column m * src_step + offset of
-// each tap. Columns where every tap lands inside the source row take the unchecked, 4-pixel
-// path; the edges take the checked one.
-inline void GatherRow(const RowTap* taps, int ntaps, int fresh, int64_t src_step,
-                      int64_t src_w, int64_t channels, float* out, int64_t out_step,
-                      int64_t count) {
-  if (ntaps == 0) {
-    for (int64_t m = 0; m < count; ++m) std::memset(out + m * out_step, 0, channels * 4);
-    return;
+// The whole row. Columns where every tap lands inside the source row take the unchecked,
+// 4-pixel path; the edges take the checked one.
+template <bool In, bool Out>
+void GatherRowWith(const Gather& g) {
+  int64_t lo = 0, hi = g.count;  // interior: 0 <= m * step + offset <= src_w - 1 for every tap
+  for (int t = 0; t < g.ntaps; ++t) {
+    const int64_t off = g.taps[t].offset;
+    lo = std::max<int64_t>(lo, off >= 0 ? 0 : (-off + g.src_step - 1) / g.src_step);
+    hi = std::min<int64_t>(hi, g.src_w - 1 - off < 0 ? 0 : (g.src_w - 1 - off) / g.src_step + 1);
   }
-  int64_t lo = 0, hi = count;  // interior: 0 <= m * step + offset <= src_w - 1 for every tap
-  for (int t = 0; t < ntaps; ++t) {
-    const int64_t off = taps[t].offset;
-    lo = std::max<int64_t>(lo, off >= 0 ? 0 : (-off + src_step - 1) / src_step);
-    hi = std::min<int64_t>(hi, src_w - 1 - off < 0 ? 0 : (src_w - 1 - off) / src_step + 1);
-  }
-  if (hi <= lo) {
-    GatherColumns<1, true>(taps, ntaps, fresh, src_step, src_w, channels, out, out_step, 0,
-                           count);
+  if (g.ntaps == 0 || hi <= lo) {
+    GatherColumns<1, true, In, Out>(g, 0, g.count);
     return;
   }
   constexpr int kPixels = 4;
   const int64_t mid = lo + (hi - lo) / kPixels * kPixels;
-  const auto columns = [&]<int P, bool Checked>(int64_t begin, int64_t end) {
-    GatherColumns<P, Checked>(taps, ntaps, fresh, src_step, src_w, channels, out, out_step,
-                              begin, end);
-  };
-  columns.template operator()<1, true>(0, lo);
-  columns.template operator()<kPixels, false>(lo, mid);
-  columns.template operator()<1, false>(mid, hi);
-  columns.template operator()<1, true>(hi, count);
+  GatherColumns<1, true, In, Out>(g, 0, lo);
+  GatherColumns<kPixels, false, In, Out>(g, lo, mid);
+  GatherColumns<1, false, In, Out>(g, mid, hi);
+  GatherColumns<1, true, In, Out>(g, hi, g.count);
+}
+
+void GatherRow(const Gather& g) {
+  if (g.in && g.out_map) return GatherRowWith<true, true>(g);
+  if (g.in) return GatherRowWith<true, false>(g);
+  if (g.out_map) return GatherRowWith<false, true>(g);
+  GatherRowWith<false, false>(g);
 }
 
 constexpr int kMaxTaps = 64;  // k <= 8
 
-// One output row (n, oh) of the forward convolution.
+// One output row (n, oh) of the forward convolution, with the optional transforms of Gather.
 void ForwardRow(const Geometry& g, const float* x, const float* taps, float* y, int64_t n,
-                int64_t oh) {
+                int64_t oh, const Affine* in, const Affine* out) {
   RowTap row_taps[kMaxTaps];
   int ntaps = 0;
   for (int64_t i = 0; i < g.k; ++i) {
@@ -206,8 +250,8 @@ void ForwardRow(const Geometry& g, const float* x, const float* taps, float* y, 
     }
   }
   // the bottom row (the last tap) is the one the previous output row did not read
-  GatherRow(row_taps, ntaps, ntaps - 1, g.stride, g.w, g.c, y + (n * g.oh + oh) * g.ow * g.c,
-            g.c, g.ow);
+  GatherRow(Gather{row_taps, ntaps, ntaps - 1, g.stride, g.w, g.c,
+                   y + (n * g.oh + oh) * g.ow * g.c, g.c, g.ow, in, out});
 }
 
 // One input row (n, r) of the input gradient, gathered: input column col = rho + m * stride
@@ -230,8 +274,8 @@ void InputGradRow(const Geometry& g, const float* taps, const float* dy, float* 
       }
     }
     // the lowest dy row (the first tap) is the one the previous input row did not read
-    GatherRow(row_taps, ntaps, 0, 1, g.ow, g.c, dxrow + rho * g.c, g.stride * g.c,
-              (g.w - rho + g.stride - 1) / g.stride);
+    GatherRow(Gather{row_taps, ntaps, 0, 1, g.ow, g.c, dxrow + rho * g.c, g.stride * g.c,
+                     (g.w - rho + g.stride - 1) / g.stride, nullptr, nullptr});
   }
 }
 
@@ -312,6 +356,17 @@ int64_t RowsPerTask(int64_t rows, int64_t row_elems) {
   return std::max<int64_t>(1, std::min<int64_t>(target, rows / 16));
 }
 
+void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* taps,
+                float* y, const Affine* in, const Affine* out) {
+  const int64_t rows = g.n * g.oh;
+  const int64_t per = RowsPerTask(rows, g.ow * g.c);
+  ParallelFor(pool, (rows + per - 1) / per, [&](int64_t t) {
+    for (int64_t row = t * per; row < std::min(rows, (t + 1) * per); ++row) {
+      ForwardRow(g, x, taps, y, row / g.oh, row % g.oh, in, out);
+    }
+  });
+}
+
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> taps, ffi::ResultBuffer<ffi::F32> y,
                             int64_t stride, int64_t pad_top, int64_t pad_left) {
@@ -321,16 +376,35 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       err.failure()) {
     return err;
   }
-  const float* xp = x.typed_data();
-  const float* tp = taps.typed_data();
-  float* yp = y->typed_data();
-  const int64_t rows = g.n * g.oh;
-  const int64_t per = RowsPerTask(rows, g.ow * g.c);
-  ParallelFor(pool, (rows + per - 1) / per, [&](int64_t t) {
-    for (int64_t row = t * per; row < std::min(rows, (t + 1) * per); ++row) {
-      ForwardRow(g, xp, tp, yp, row / g.oh, row % g.oh);
+  RunForward(pool, g, x.typed_data(), taps.typed_data(), y->typed_data(), nullptr, nullptr);
+  return ffi::Error::Success();
+}
+
+// Inference: y = out(depthwise(in(x))) with the per-channel affine + clamp maps of Affine
+// (in: the previous BatchNorm and activation, applied only when fuse_input is 1; out: this
+// layer's BatchNorm and activation).
+ffi::Error DepthwiseForwardFused(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> in_scale,
+                                 ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
+                                 ffi::Buffer<ffi::F32> out_bias, ffi::ResultBuffer<ffi::F32> y,
+                                 int64_t stride, int64_t pad_top, int64_t pad_left,
+                                 int64_t fuse_input, float in_lo, float in_hi, float out_lo,
+                                 float out_hi) {
+  const auto yd = y->dimensions();
+  Geometry g;
+  if (auto err = CheckGeometry(x, taps, yd[1], yd[2], stride, pad_top, pad_left, &g);
+      err.failure()) {
+    return err;
+  }
+  for (const auto* v : {&in_scale, &in_bias, &out_scale, &out_bias}) {
+    if (v->element_count() != static_cast<size_t>(g.c)) {
+      return ffi::Error::InvalidArgument("depthwise: scale and bias must have C elements");
     }
-  });
+  }
+  const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_lo, in_hi};
+  const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_lo, out_hi};
+  RunForward(pool, g, x.typed_data(), taps.typed_data(), y->typed_data(),
+             fuse_input ? &in : nullptr, &out);
   return ffi::Error::Success();
 }
 
@@ -388,6 +462,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseForward, DepthwiseForward,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseForwardFused, DepthwiseForwardFused,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("fuse_input")
+                                  .Attr<float>("in_lo")
+                                  .Attr<float>("in_hi")
+                                  .Attr<float>("out_lo")
+                                  .Attr<float>("out_hi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseBackward, DepthwiseBackward,
                               ffi::Ffi::Bind()
