@@ -33,7 +33,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-
 struct Geometry {
   int64_t n, h, w, c, k, oh, ow, stride, pad_top, pad_left;
 };
@@ -329,24 +328,32 @@ void TapGradRow(const Geometry& g, const float* x, const float* dy, float* parti
         c0 += kLanes;
       }
       for (; c0 < g.c; ++c0) {  // fewer than 16 channels left
-        for (int64_t ow = lo; ow < hi; ++ow) pp[c0] += xrow[(ow * g.stride + off) * g.c + c0] * dyrow[ow * g.c + c0];
+        for (int64_t ow = lo; ow < hi; ++ow) {
+          pp[c0] += xrow[(ow * g.stride + off) * g.c + c0] * dyrow[ow * g.c + c0];
+        }
       }
     }
   }
 }
 
+// The geometry of x [N, H, W, C], taps [k, k, C] and the output-sized tensor y [N, OH, OW, C].
 ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& taps,
-                         int64_t oh, int64_t ow, int64_t stride, int64_t pad_top,
+                         ffi::Span<const int64_t> yd, int64_t stride, int64_t pad_top,
                          int64_t pad_left, Geometry* g) {
   const auto xd = x.dimensions();
   const auto td = taps.dimensions();
-  if (xd.size() != 4 || td.size() != 3 || td[0] != td[1] || td[2] != xd[3]) {
-    return ffi::Error::InvalidArgument("depthwise: expected x [N,H,W,C] and taps [k,k,C]");
+  if (xd.size() != 4 || td.size() != 3 || yd.size() != 4 || td[0] != td[1] || td[2] != xd[3] ||
+      yd[0] != xd[0] || yd[3] != xd[3]) {
+    return ffi::Error::InvalidArgument(
+        "depthwise: expected x [N,H,W,C], taps [k,k,C] and output [N,OH,OW,C]");
+  }
+  if (td[0] * td[0] > kMaxTaps) {
+    return ffi::Error::InvalidArgument("depthwise: kernels up to 8 x 8 only");
   }
   if (stride < 1 || pad_top < 0 || pad_left < 0) {
     return ffi::Error::InvalidArgument("depthwise: stride must be >= 1 and pads >= 0");
   }
-  *g = Geometry{xd[0], xd[1], xd[2], xd[3], td[0], oh, ow, stride, pad_top, pad_left};
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], td[0], yd[1], yd[2], stride, pad_top, pad_left};
   return ffi::Error::Success();
 }
 
@@ -372,7 +379,7 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             int64_t stride, int64_t pad_top, int64_t pad_left) {
   const auto yd = y->dimensions();
   Geometry g;
-  if (auto err = CheckGeometry(x, taps, yd[1], yd[2], stride, pad_top, pad_left, &g);
+  if (auto err = CheckGeometry(x, taps, yd, stride, pad_top, pad_left, &g);
       err.failure()) {
     return err;
   }
@@ -392,7 +399,7 @@ ffi::Error DepthwiseForwardFused(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  float out_hi) {
   const auto yd = y->dimensions();
   Geometry g;
-  if (auto err = CheckGeometry(x, taps, yd[1], yd[2], stride, pad_top, pad_left, &g);
+  if (auto err = CheckGeometry(x, taps, yd, stride, pad_top, pad_left, &g);
       err.failure()) {
     return err;
   }
@@ -414,7 +421,7 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              int64_t stride, int64_t pad_top, int64_t pad_left) {
   const auto gd = dy.dimensions();
   Geometry g;
-  if (auto err = CheckGeometry(x, taps, gd[1], gd[2], stride, pad_top, pad_left, &g);
+  if (auto err = CheckGeometry(x, taps, gd, stride, pad_top, pad_left, &g);
       err.failure()) {
     return err;
   }
