@@ -162,3 +162,18 @@ def test_model_inference_native_equals_shift(residual):
         assert all(value is not None for value in captured.values())
     assert float(jnp.max(jnp.abs(logits["shift"]))) > 0.01
     np.testing.assert_allclose(np.asarray(logits["native"]), np.asarray(logits["shift"]), atol=1e-5, rtol=1e-4)
+
+
+def test_mobilenet_v1_inference_native_equals_shift():
+    """MobileNetV1's depthwise layers take the fused kernel for their own BatchNorm and ReLU6."""
+    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    logits = {}
+    for impl in ("native", "shift"):
+        cfg = model_config("mobilenet_v1", width=0.25, num_classes=10, in_channels=3, depthwise_impl=impl)
+        model = build_model(cfg, rngs=nnx.Rngs(0))
+        model(x, train=True, dropout_key=jax.random.key(2))
+        logits[impl] = jax.jit(lambda x, m=model: m(x, train=False))(x)
+    scale = float(jnp.max(jnp.abs(logits["shift"])))  # small: the classifier starts at std 0.01
+    assert scale > 1e-4
+    np.testing.assert_allclose(np.asarray(logits["native"]), np.asarray(logits["shift"]), atol=1e-3 * scale,
+                               rtol=1e-4)

@@ -12,7 +12,7 @@
   else ``shift``; ``xla`` on GPU/TPU. Decided from ``jax.default_backend()`` when the model is
   traced.
 
-Both forms share the padding geometry of :func:`manifold_lab.models.layers.pad_amounts`
+All forms share the padding geometry of :func:`manifold_lab.models.layers.pad_amounts`
 (``same``: TF 'SAME'; ``symmetric``: (1, 1)). Kernels are stored HWIO as ``(3, 3, 1, C)``, the
 layout of a grouped convolution.
 """
@@ -141,15 +141,17 @@ def _native_attrs(stride: int, pads: tuple[tuple[int, int], ...]) -> dict[str, n
     return dict(stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0]))
 
 
+def _native_output(x: Array, k: int, stride: int, pads: tuple[tuple[int, int], ...]) -> jax.ShapeDtypeStruct:
+    n, h, w, c = x.shape
+    out_h, out_w = ((size + lo + hi - k) // stride + 1 for size, (lo, hi) in zip((h, w), pads))
+    return jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _native_depthwise(x: Array, taps: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
     """Depthwise conv of NHWC float32 ``x`` with ``taps`` (k, k, C) by the native kernel."""
-    n, h, w, c = x.shape
-    k = taps.shape[0]
-    out_h = (h + sum(pads[0]) - k) // stride + 1
-    out_w = (w + sum(pads[1]) - k) // stride + 1
     # vmap (multi-seed training) runs the kernel once per mapped element
-    call = jax.ffi.ffi_call("manifold_dw_fwd", jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype),
+    call = jax.ffi.ffi_call("manifold_dw_fwd", _native_output(x, taps.shape[0], stride, pads),
                             vmap_method="sequential")
     return call(x, taps, **_native_attrs(stride, pads))
 
@@ -188,13 +190,11 @@ def fused_inference_depthwise(x: Array, kernel: Array, *, stride: int, padding: 
     native form (see :func:`resolve_impl`) and float32."""
     k = kernel.shape[0]
     pads = tuple(pad_amounts(n, k, stride, padding) for n in x.shape[1:3])
-    n, h, w, c = x.shape
-    out_h = (h + sum(pads[0]) - k) // stride + 1
-    out_w = (w + sum(pads[1]) - k) // stride + 1
     out_scale, out_bias = folded_batch_norm(out_bn)
+    # without in_bn the kernel ignores in_scale / in_bias (fuse_input=0): any C-vectors do
     in_scale, in_bias = folded_batch_norm(in_bn) if in_bn is not None else (out_scale, out_bias)
     bounds = [np.float32(b) for b in (*ACTIVATION_BOUNDS[in_act], *ACTIVATION_BOUNDS[out_act])]
-    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype),
+    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", _native_output(x, k, stride, pads),
                             vmap_method="sequential")
     return call(x, kernel[:, :, 0, :], in_scale, in_bias, out_scale, out_bias, **_native_attrs(stride, pads),
                 fuse_input=np.int64(in_bn is not None), in_lo=bounds[0], in_hi=bounds[1], out_lo=bounds[2],
