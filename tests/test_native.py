@@ -1,6 +1,7 @@
-"""The native depthwise kernel (C++ through XLA's FFI): equal to XLA's grouped convolution on the
+"""The native kernels (C++ through XLA's FFI). Depthwise: equal to XLA's grouped convolution on the
 shapes that reach each of its code paths, under vmap and jit, deterministic, replaced by the shift
-form where it cannot be built, and, in inference, equal to the layers it fuses."""
+form where it cannot be built, and equal to the layers it fuses, in inference and in training.
+BatchNorm's training reductions: equal to the pure-JAX ones, forward and backward."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 from flax import nnx
 
 from manifold_lab import native
-from manifold_lab.models import build_model, depthwise_conv, model_config, output_size, resolve_impl
-from manifold_lab.models.depthwise import fused_inference_depthwise
-from manifold_lab.models.layers import activation
+from manifold_lab.models import build_model, depthwise_conv, model_config, output_size, pad_amounts, resolve_impl
+from manifold_lab.models.depthwise import _bn_act_depthwise_train, fused_inference_depthwise
+from manifold_lab.models.layers import _bn_act_train, activation, native_batch_norm
 
 
 def value_and_grads(impl: str, x, kernel, cot, stride: int, padding: str):
@@ -177,3 +178,94 @@ def test_mobilenet_v1_inference_native_equals_shift():
     assert scale > 1e-4
     np.testing.assert_allclose(np.asarray(logits["native"]), np.asarray(logits["shift"]), atol=1e-3 * scale,
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape, act", [
+    ((4, 9, 9, 37), "relu6"), ((2, 8, 8, 96), "relu"), ((3, 5), "linear"), ((2, 3, 3, 1280), "relu6"),
+])
+def test_native_batch_norm_equals_jax(shape, act):
+    """Training BatchNorm + activation with the native channel reductions: the same output, batch
+    statistics and gradients as the pure-JAX reductions, bit-identical on a second run."""
+    assert native_batch_norm(jnp.zeros(shape))
+    kx, ks, kb, kg = jax.random.split(jax.random.key(5), 4)
+    x = 2.0 * jax.random.normal(kx, shape) + 0.5  # a non-zero mean; ReLU6 reaches both bounds
+    scale, bias = 1.0 + jax.random.normal(ks, shape[-1:]), jax.random.normal(kb, shape[-1:])
+    cot = (jax.random.normal(kg, shape), jnp.zeros(shape[-1]), jnp.zeros(shape[-1]))
+
+    def run(x, scale, bias, use_native):
+        out, vjp = jax.vjp(lambda x, s, b: _bn_act_train(x, s, b, 1e-3, act, use_native), x, scale, bias)
+        return out, vjp(cot)
+
+    run = jax.jit(run, static_argnums=3)
+    got, want = run(x, scale, bias, True), run(x, scale, bias, False)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert float(jnp.max(jnp.abs(w))) > 0.1
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-5, rtol=1e-4)
+    for g, again in zip(jax.tree.leaves(got), jax.tree.leaves(run(x, scale, bias, True))):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(again))
+
+
+@pytest.mark.parametrize("size, channels, stride, padding, act", [
+    ((16, 16), 48, 1, "same", "relu6"), ((15, 17), 37, 2, "same", "relu6"),
+    ((9, 8), 21, 2, "symmetric", "relu"), ((3, 3), 5, 1, "same", "linear"), ((12, 12), 32, 1, "symmetric", "relu6"),
+])
+def test_fused_training_equals_composition(size, channels, stride, padding, act):
+    """Training with the previous BatchNorm (batch statistics) and activation folded into the
+    depthwise kernels: the same output, statistics and gradients (input, taps, scale, bias) as
+    BatchNorm, activation and XLA's depthwise convolution one after another."""
+    assert resolve_impl("native") == "native"  # built and registered
+    x, kernel, cot = draw(size, channels, stride, padding, batch=3, seed=9)
+    x = 3.0 * x + 1.0
+    ks, kb = jax.random.split(jax.random.key(10))
+    scale, bias = 1.0 + 0.5 * jax.random.normal(ks, (channels,)), jax.random.normal(kb, (channels,))
+    pads = tuple(pad_amounts(n, 3, stride, padding) for n in size)
+    zeros = jnp.zeros(channels)
+
+    def fused(x, k, s, b):
+        return _bn_act_depthwise_train(x, k[:, :, 0, :], s, b, 1e-3, act, stride, pads)
+
+    def composed(x, k, s, b):
+        y, mean, var = _bn_act_train(x, s, b, 1e-3, act, False)
+        return depthwise_conv(y, k, stride=stride, padding=padding, impl="xla"), mean, var
+
+    results = []
+    for f in (fused, composed):
+        out, vjp = jax.jit(lambda *a, f=f: jax.vjp(f, *a))(x, kernel, scale, bias)
+        results.append((out, vjp((cot, zeros, zeros))))
+    for g, w in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        assert g.shape == w.shape and float(jnp.max(jnp.abs(w))) > 0.05
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("residual", ["bottleneck", "expansion", "none"])
+def test_model_training_native_equals_shift(residual):
+    """A training step of the whole network through the fused kernels (stem and expansion
+    BatchNorm + ReLU6 inside the depthwise calls, native reductions) against the shift form: the
+    same loss and running statistics, and gradients that agree leaf by leaf (cosine > 0.999; the
+    small network at batch 8 is ill-conditioned enough that float32 rounding alone moves some
+    BatchNorm-bias gradients by a few per cent)."""
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    labels = jnp.arange(8) % 10
+    results = {}
+    for impl in ("native", "shift"):
+        cfg = model_config("mobilenet_v2", width=0.35, preset="small", num_classes=10, in_channels=3,
+                           depthwise_impl=impl, residual=residual)
+        graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+        def loss(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            logits = model(x, train=True, dropout_key=jax.random.key(2))
+            value = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels])
+            return value, nnx.state(model, nnx.BatchStat)
+
+        results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (loss_n, stats_n), grads_n = results["native"]
+    (loss_s, stats_s), grads_s = results["shift"]
+    np.testing.assert_allclose(float(loss_n), float(loss_s), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(stats_n), jax.tree.leaves(stats_s)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    largest = max(float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads_s))
+    for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads_s)):
+        norm = float(jnp.linalg.norm(b))
+        if norm > 1e-3 * largest:
+            assert float(jnp.vdot(a.ravel(), b.ravel())) / (float(jnp.linalg.norm(a)) * norm) > 0.999

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from manifold_lab import native
-from manifold_lab.models.layers import batch_norm_act, he_normal, pad_amounts
+from manifold_lab.models.layers import (batch_norm_act, bn_input_grad, bn_stats, he_normal, native_batch_norm,
+                                        pad_amounts, update_running_stats)
 
 Array = jax.Array
 
@@ -201,6 +202,52 @@ def fused_inference_depthwise(x: Array, kernel: Array, *, stride: int, padding: 
                 out_hi=bounds[3])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _bn_act_depthwise_train(x: Array, taps: Array, scale: Array, bias: Array, epsilon: float, act: str,
+                            stride: int, pads: tuple[tuple[int, int], ...]) -> tuple[Array, Array, Array]:
+    """Training: ``(depthwise(act(bn(x))), mean, var)`` for float32 ``x`` (the previous
+    convolution's raw output), BatchNorm from the batch statistics ``(mean, var)`` of ``x``, in
+    native kernel calls that never write the activation out. The backward call returns the
+    masked gradient and its channel sums with the tap gradients, so BatchNorm's backward pass
+    adds one full-size pass (:func:`bn_input_grad`)."""
+    return _bn_act_depthwise_fwd(x, taps, scale, bias, epsilon, act, stride, pads)[0]
+
+
+def _input_map(scale, bias, mean, var, epsilon):
+    rstd = jax.lax.rsqrt(var + epsilon)
+    a = scale * rstd
+    return a, bias - a * mean, rstd
+
+
+def _bn_act_depthwise_fwd(x, taps, scale, bias, epsilon, act, stride, pads):
+    mean, var = bn_stats(x, native_batch_norm(x))
+    a, shift, _ = _input_map(scale, bias, mean, var, epsilon)
+    lo, hi = (np.float32(b) for b in ACTIVATION_BOUNDS[act])
+    ones, zeros = jnp.ones_like(a), jnp.zeros_like(a)
+    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", _native_output(x, taps.shape[0], stride, pads),
+                            vmap_method="sequential")
+    y = call(x, taps, a, shift, ones, zeros, **_native_attrs(stride, pads), fuse_input=np.int64(1),
+             in_lo=lo, in_hi=hi, out_lo=np.float32(-np.inf), out_hi=np.float32(np.inf))
+    return (y, mean, var), (x, taps, scale, bias, mean, var)
+
+
+def _bn_act_depthwise_bwd(epsilon, act, stride, pads, residuals, cotangents):
+    x, taps, scale, bias, mean, var = residuals
+    a, shift, rstd = _input_map(scale, bias, mean, var, epsilon)
+    lo, hi = (np.float32(b) for b in ACTIVATION_BOUNDS[act])
+    c = x.shape[-1]
+    call = jax.ffi.ffi_call("manifold_dw_bwd_fused", (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                      jax.ShapeDtypeStruct(taps.shape, taps.dtype),
+                                                      jax.ShapeDtypeStruct((2, c), jnp.float32)),
+                            vmap_method="sequential")
+    gz, grad_taps, sums = call(x, taps, cotangents[0], a, shift, **_native_attrs(stride, pads), in_lo=lo, in_hi=hi)
+    grad_x, grad_scale = bn_input_grad(x, gz, a, rstd, mean, sums[0], sums[1])
+    return grad_x, grad_taps, grad_scale, sums[0]
+
+
+_bn_act_depthwise_train.defvjp(_bn_act_depthwise_fwd, _bn_act_depthwise_bwd)
+
+
 class DepthwiseBN(nnx.Module):
     """3x3 depthwise convolution without bias, BatchNorm, then an activation (ReLU6 by default)."""
 
@@ -217,21 +264,29 @@ class DepthwiseBN(nnx.Module):
         self.bn = nnx.BatchNorm(channels, momentum=bn_momentum, epsilon=bn_epsilon,
                                 dtype=self.dtype, rngs=rngs)
 
-    def fuses_inference(self) -> bool:
-        """Whether inference runs as one native kernel call with this layer's BatchNorm and
-        activation (and optionally the previous layer's, see ``__call__``) folded in."""
+    def fuses_input(self) -> bool:
+        """Whether this layer runs through the native kernels with the previous layer's BatchNorm
+        and activation folded in (``input_bn`` of ``__call__``), and in inference also its own."""
         return resolve_impl(self.impl) == "native" and self.dtype == jnp.float32
 
     def __call__(self, x: Array, train: bool, input_bn: tuple[nnx.BatchNorm, str] | None = None) -> Array:
-        """``act(bn(depthwise(x)))``. ``input_bn`` (inference with :meth:`fuses_inference` only):
-        ``x`` is the previous convolution's raw output and ``(bn, act)`` its BatchNorm and
-        activation, applied inside the kernel."""
-        if not train and self.fuses_inference():
+        """``act(bn(depthwise(x)))``. ``input_bn`` (with :meth:`fuses_input` only): ``x`` is the
+        previous convolution's raw output and ``(bn, act)`` its BatchNorm and activation, applied
+        inside the kernel (in training from the batch statistics of ``x``, whose running averages
+        are updated as by :func:`batch_norm_act`)."""
+        if input_bn is not None and not self.fuses_input():
+            raise ValueError("input_bn needs the native float32 depthwise form")
+        pads = tuple(pad_amounts(n, 3, self.stride, self.padding) for n in x.shape[1:3])
+        if not train and self.fuses_input():
             in_bn, in_act = input_bn if input_bn is not None else (None, "linear")
             return fused_inference_depthwise(x, self.kernel[...], stride=self.stride, padding=self.padding,
                                              out_bn=self.bn, out_act=self.act, in_bn=in_bn, in_act=in_act)
         if input_bn is not None:
-            raise ValueError("input_bn needs inference mode and the native float32 depthwise form")
-        y = depthwise_conv(x, self.kernel[...].astype(self.dtype), stride=self.stride,
-                           padding=self.padding, impl=self.impl)
+            in_bn, in_act = input_bn
+            y, mean, var = _bn_act_depthwise_train(x, self.kernel[...][:, :, 0, :], in_bn.scale[...],
+                                                   in_bn.bias[...], in_bn.epsilon, in_act, self.stride, pads)
+            update_running_stats(in_bn, mean, var)
+        else:
+            y = depthwise_conv(x, self.kernel[...].astype(self.dtype), stride=self.stride,
+                               padding=self.padding, impl=self.impl)
         return batch_norm_act(self.bn, y, train, self.act)

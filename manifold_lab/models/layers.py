@@ -14,7 +14,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from manifold_lab import native
 
 Array = jax.Array
 
@@ -72,31 +75,40 @@ def he_normal(key: Array, shape: tuple[int, ...], fan: int) -> Array:
     return normal(key, shape, math.sqrt(2.0 / fan))
 
 
-def _act_grad_mask(name: str, z: Array) -> Array | None:
-    """Where the activation called ``name`` passes gradient (JAX's convention at the kinks: 0);
-    None for ``linear``."""
-    if name == "relu6":
-        return (z > 0) & (z < 6)
-    if name == "relu":
-        return z > 0
-    if name == "linear":
-        return None
-    raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+def native_batch_norm(x: Array) -> bool:
+    """Whether training-mode BatchNorm of ``x`` takes the native channel reductions
+    (:mod:`manifold_lab.native`, ``batchnorm``): float32 on the CPU backend, where they can be
+    built. Decided when the model is traced."""
+    return (x.dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and native.load("batchnorm") is not None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bn_act_train(x: Array, scale: Array, bias: Array, epsilon: float, act: str
+#: (lo, hi) of the open interval where each activation passes gradient (None: everywhere)
+GRADIENT_INTERVALS: dict[str, tuple[float, float] | None] = {
+    "linear": None, "relu": (0.0, float("inf")), "relu6": (0.0, 6.0)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bn_act_train(x: Array, scale: Array, bias: Array, epsilon: float, act: str, use_native: bool
                   ) -> tuple[Array, Array, Array]:
     """Training-mode BatchNorm over all axes but the last, then ``act``: ``(y, mean, var)``.
 
     The statistics are Flax's (float32, one pass: ``var = max(0, E[x^2] - E[x]^2)``). The
-    hand-written VJP needs only ``x`` and the per-channel statistics: one fused pass for the two
+    hand-written VJP needs only ``x`` and the per-channel statistics: one pass for the two
     channel sums of the backward pass and one for the input gradient, where autodiff of the
-    composite materialises several full-size intermediates (slower on CPU)."""
-    return _bn_act_fwd(x, scale, bias, epsilon, act)[0]
+    composite materialises several full-size intermediates (slower on CPU). ``use_native``: the
+    channel sums of both passes by the native kernels (one read of the inputs for both sums,
+    where XLA:CPU reduces each sum separately and first writes the masked gradient out)."""
+    return _bn_act_fwd(x, scale, bias, epsilon, act, use_native)[0]
 
 
-def _bn_stats(x: Array) -> tuple[Array, Array]:
+def bn_stats(x: Array, use_native: bool) -> tuple[Array, Array]:
+    """Training-mode BatchNorm's float32 (mean, var) of ``x`` over all axes but the last."""
+    if use_native:
+        c = x.shape[-1]
+        moments = jax.ffi.ffi_call("manifold_bn_moments", (jax.ShapeDtypeStruct((c,), jnp.float32),) * 2,
+                                   vmap_method="sequential")
+        return tuple(moments(x))
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axes)
@@ -104,31 +116,71 @@ def _bn_stats(x: Array) -> tuple[Array, Array]:
     return mean, var
 
 
-def _bn_act_fwd(x, scale, bias, epsilon, act):
-    mean, var = _bn_stats(x)
+def _bn_grad_sums(x: Array, g: Array, a: Array, b: Array, act: str, use_native: bool
+                  ) -> tuple[Array, Array]:
+    """(sum gz, sum gz * x) over all axes but the last, gz = g where ``act`` passes gradient at
+    the pre-activation ``x * a + b``, else 0."""
+    interval = GRADIENT_INTERVALS[act]
+    if use_native:
+        c = x.shape[-1]
+        lo, hi = interval if interval is not None else (0.0, 0.0)
+        sums = jax.ffi.ffi_call("manifold_bn_grad_sums", (jax.ShapeDtypeStruct((c,), jnp.float32),) * 2,
+                                vmap_method="sequential")
+        return tuple(sums(x, g, a, b, masked=np.int64(interval is not None), lo=np.float32(lo),
+                          hi=np.float32(hi)))
+    gz = _masked(g, x * a + b, interval)
+    axes = tuple(range(x.ndim - 1))
+    return jnp.sum(gz, axes), jnp.sum(gz * x, axes)
+
+
+def _masked(g: Array, z: Array, interval: tuple[float, float] | None) -> Array:
+    """g where z lies in the open ``interval`` (JAX's convention at the kinks: 0), else 0."""
+    if interval is None:
+        return g
+    lo, hi = interval
+    inside = z > lo if hi == float("inf") else (z > lo) & (z < hi)
+    return jnp.where(inside, g, 0.0)
+
+
+def _bn_act_fwd(x, scale, bias, epsilon, act, use_native):
+    mean, var = bn_stats(x, use_native)
     mul = jax.lax.rsqrt(var + epsilon) * scale
     y = activation(act)((x.astype(jnp.float32) - mean) * mul + bias).astype(x.dtype)
     return (y, mean, var), (x, scale, bias, mean, var)
 
 
-def _bn_act_bwd(epsilon, act, residuals, cotangents):
+def _bn_act_bwd(epsilon, act, use_native, residuals, cotangents):
     # Every full-size term is written in x (the convolution output, kept for the backward pass)
     # and per-channel vectors, never in xhat = (x - mean) * rstd: XLA:CPU materialised xhat as
     # a full-size tensor to feed the channel reduction, one extra write and read per BatchNorm.
     x, scale, bias, mean, var = residuals
     g = cotangents[0].astype(jnp.float32)  # the statistics only feed the running averages
-    axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
     rstd = jax.lax.rsqrt(var + epsilon)
     xf = x.astype(jnp.float32)
     a = scale * rstd  # y_pre = a * x + (bias - a * mean)
-    mask = _act_grad_mask(act, xf * a + (bias - a * mean))
-    gz = g if mask is None else jnp.where(mask, g, 0.0)
-    grad_bias = jnp.sum(gz, axes)
-    grad_scale = rstd * (jnp.sum(gz * xf, axes) - mean * grad_bias)  # = sum(gz * xhat)
-    c = a * rstd * grad_scale / count
-    grad_x = a * gz - c * xf + (c * mean - a * grad_bias / count)
+    shift = bias - a * mean
+    grad_bias, sum_gx = _bn_grad_sums(xf, g, a, shift, act, use_native)
+    gz = _masked(g, xf * a + shift, GRADIENT_INTERVALS[act])
+    grad_x, grad_scale = bn_input_grad(xf, gz, a, rstd, mean, grad_bias, sum_gx)
     return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
+
+
+def bn_input_grad(x: Array, gz: Array, a: Array, rstd: Array, mean: Array, sum_gz: Array,
+                  sum_gx: Array) -> tuple[Array, Array]:
+    """(grad x, grad scale) of training-mode BatchNorm, from its float32 input ``x``, the gradient
+    ``gz`` of its output (through the activation's mask), ``a = scale * rstd``, the batch
+    ``mean`` and the channel sums of ``gz`` (also grad bias) and ``gz * x``. One full-size pass."""
+    count = x.size // x.shape[-1]
+    grad_scale = rstd * (sum_gx - mean * sum_gz)  # = sum(gz * xhat)
+    c = a * rstd * grad_scale / count
+    return a * gz - c * x + (c * mean - a * sum_gz / count), grad_scale
+
+
+def update_running_stats(bn: nnx.BatchNorm, mean: Array, var: Array) -> None:
+    """``bn``'s running averages, moved towards a batch's statistics by its momentum."""
+    m = bn.momentum
+    bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean)
+    bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var)
 
 
 _bn_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)
@@ -137,13 +189,12 @@ _bn_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)
 def batch_norm_act(bn: nnx.BatchNorm, x: Array, train: bool, act: str) -> Array:
     """``act(bn(x))`` for an ``nnx.BatchNorm`` over the last axis. Inference: the module itself.
     Training: the same batch statistics, running-average update and result as the module (up to
-    float32 rounding), through :func:`_bn_act_train`'s hand-written gradient."""
+    float32 rounding), through :func:`_bn_act_train`'s hand-written gradient (with the native
+    reductions where :func:`native_batch_norm`)."""
     if not train:
         return activation(act)(bn(x, use_running_average=True))
-    y, mean, var = _bn_act_train(x, bn.scale[...], bn.bias[...], bn.epsilon, act)
-    m = bn.momentum
-    bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean)
-    bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var)
+    y, mean, var = _bn_act_train(x, bn.scale[...], bn.bias[...], bn.epsilon, act, native_batch_norm(x))
+    update_running_stats(bn, mean, var)
     return y
 
 

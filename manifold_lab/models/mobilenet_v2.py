@@ -87,15 +87,31 @@ class InvertedResidual(nnx.Module):
         self.projection = ConvBN(spec.expanded_channels, spec.out_channels,
                                  act=config.bottleneck_activation, **common)
 
+    def takes_raw_input(self) -> bool:
+        """Whether the block can take the previous convolution's raw output and apply its BatchNorm
+        and activation inside the depthwise kernel (``input_bn`` of ``__call__``): no expansion,
+        no shortcut that reads the block input, and the native depthwise form."""
+        return (self.expansion is None and not self.bottleneck_shortcut and not self.expansion_shortcut
+                and not self.keep_expanded and self.depthwise.fuses_input())
+
     def __call__(self, x: Array, prev_expanded: Array | None, train: bool,
-                 acts: dict[str, Array] | None = None) -> tuple[Array, Array | None]:
+                 acts: dict[str, Array] | None = None,
+                 input_bn: tuple[nnx.BatchNorm, str] | None = None) -> tuple[Array, Array | None]:
         """Returns (block output x_{i+1}, expanded tensor e_i). ``prev_expanded`` is e_{i-1}.
 
-        Inference with the native depthwise kernel folds the expansion's BatchNorm and ReLU6 into
-        that kernel (e_i is then never written out, and None is returned for it) wherever
-        nothing else reads e_i: no capture and no shortcuts between expansions."""
-        if (not train and acts is None and self.expansion is not None and not self.keep_expanded
-                and self.depthwise.fuses_inference()):
+        With the native depthwise kernel, the expansion's BatchNorm and ReLU6 run inside that
+        kernel (e_i is then never written out, and None is returned for it) wherever nothing else
+        reads e_i: no capture and no shortcuts between expansions. ``input_bn`` (where
+        :meth:`takes_raw_input`, without capture): ``x`` is the previous convolution's raw output
+        and ``(bn, act)`` its BatchNorm and activation, likewise applied inside the kernel."""
+        if input_bn is not None:
+            if acts is not None or not self.takes_raw_input():
+                raise ValueError("input_bn needs a block without expansion and shortcuts, the native "
+                                 "depthwise form and no capture")
+            d = self.depthwise(x, train, input_bn=input_bn)
+            e = None
+        elif (acts is None and self.expansion is not None and not self.keep_expanded
+                and self.depthwise.fuses_input()):
             raw = self.expansion.conv(x)
             d = self.depthwise(raw, train, input_bn=(self.expansion.bn, self.expansion.act))
             e = None
@@ -141,11 +157,17 @@ class MobileNetV2(nnx.Module):
         updates the running averages and applies dropout (which needs ``dropout_key``)."""
         check_call(x, self.config.in_channels, train, self.config.dropout_rate, dropout_key)
         acts: dict[str, Array] | None = {} if capture else None
-        h = self.stem(x.astype(jnp.dtype(self.config.compute_dtype)), train)
-        if acts is not None:
-            acts["stem"] = h
+        x = x.astype(jnp.dtype(self.config.compute_dtype))
         expanded = None
-        for block in self.blocks:
+        if acts is None and self.blocks[0].takes_raw_input():
+            # the stem's BatchNorm and ReLU6 run inside the first depthwise kernel
+            h, expanded = self.blocks[0](self.stem.conv(x), None, train, input_bn=(self.stem.bn, self.stem.act))
+        else:
+            h = self.stem(x, train)
+            if acts is not None:
+                acts["stem"] = h
+            h, expanded = self.blocks[0](h, None, train, acts)
+        for block in list(self.blocks)[1:]:
             h, expanded = block(h, expanded, train, acts)
         h = self.head(h, train)
         pooled = self.classifier.pool(h)

@@ -1,10 +1,11 @@
 """Native XLA:CPU kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
 
-The source files beside this module are compiled with the system C++ compiler (``$CXX``, else
-``c++``/``g++``, C++20, ``-O3 -march=native``) against the FFI headers that jaxlib ships
-(``jax.ffi.include_dir()``), into ``$MANIFOLD_LAB_CACHE`` (default ``~/.cache/manifold_lab``).
-The file name holds a hash of the source, the flags, the jaxlib version and the CPU's feature
-flags, so a changed source or another machine sharing the home directory gets its own build; the
+Each ``.cc`` file beside this module is one library (``depthwise``: the depthwise convolution;
+``batchnorm``: BatchNorm's training reductions), compiled with the shared ``.h`` headers by the
+system C++ compiler (``$CXX``, else ``c++``/``g++``, C++20, ``-O3 -march=native``) against the
+FFI headers that jaxlib ships (``jax.ffi.include_dir()``), into ``$MANIFOLD_LAB_CACHE`` (default
+``~/.cache/manifold_lab``). The file name holds a hash of the sources, the flags, the jaxlib
+version and the CPU's feature flags, so a changed source or another machine sharing the home directory gets its own build; the
 library is written under a temporary name and renamed into place, so processes that build at the
 same time (the sweep's workers, pytest-xdist) never load a half-written file.
 
@@ -36,7 +37,10 @@ ENV_CACHE = "MANIFOLD_LAB_CACHE"
 TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
     "depthwise": (("manifold_dw_fwd", "ManifoldDepthwiseForward"),
                   ("manifold_dw_fwd_fused", "ManifoldDepthwiseForwardFused"),
-                  ("manifold_dw_bwd", "ManifoldDepthwiseBackward")),
+                  ("manifold_dw_bwd", "ManifoldDepthwiseBackward"),
+                  ("manifold_dw_bwd_fused", "ManifoldDepthwiseBackwardFused")),
+    "batchnorm": (("manifold_bn_moments", "ManifoldBatchNormMoments"),
+                  ("manifold_bn_grad_sums", "ManifoldBatchNormGradSums")),
 }
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -71,9 +75,11 @@ def _cpu_flags() -> str:
 
 
 def library_path(name: str, cxx: str) -> Path:
-    """The cached library's path for this source, compiler, flags, jaxlib and CPU."""
-    source = (SOURCE_DIR / f"{name}.cc").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(),
+    """The cached library's path for this source (and the shared headers), compiler, flags,
+    jaxlib and CPU."""
+    sources = [(SOURCE_DIR / f"{name}.cc").read_bytes()]
+    sources += [header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h"))]
+    key = hashlib.sha256(b"\0".join([*sources, cxx.encode(), " ".join(FLAGS).encode(),
                                      jax.__version__.encode(), _cpu_flags().encode()])).hexdigest()[:16]
     return cache_dir() / f"{name}-{key}.so"
 

@@ -6,69 +6,43 @@
 // by bounds, vectorise over the channel axis (contiguous in NHWC) and split their rows over XLA's
 // own intra-op thread pool.
 //
-// Geometry (shared by all three): input x [N, H, W, C], taps [k, k, C] (HWIO without the unit
+// Geometry (shared by all of them): input x [N, H, W, C], taps [k, k, C] (HWIO without the unit
 // input axis), output [N, OH, OW, C]; output pixel (oh, ow) reads input pixel
 // (oh * stride + i - pad_top, ow * stride + j - pad_left) for tap (i, j); pixels outside the
 // input are zero.
 //
 //   manifold_dw_fwd: y = depthwise(x, taps)
-//   manifold_dw_fwd_fused: inference, y = out(depthwise(in(x))) with per-channel affine + clamp
-//                    maps (BatchNorm with running statistics and ReLU6 folded into the kernel)
-//   manifold_dw_bwd: (dx, dtaps) from (x, taps, dy). dx is gathered per input row (no write races);
-//                    dtaps is summed per fixed chunk of output rows and the chunk partials are
-//                    added in chunk order, so the result does not depend on thread scheduling.
+//   manifold_dw_fwd_fused: y = out(depthwise(in(x))) with per-channel affine + clamp maps:
+//                    BatchNorm and ReLU6 folded into the kernel (inference: both maps from the
+//                    running statistics; training: in from the batch statistics, out identity)
+//   manifold_dw_bwd: (dx, dtaps) from (x, taps, dy), in one pass over the input rows. dx is
+//                    gathered per input row (no write races); dtaps is summed per fixed chunk of
+//                    input rows and the chunk partials are added in chunk order, so the result
+//                    does not depend on thread scheduling.
+//   manifold_dw_bwd_fused: training with the previous layer's BatchNorm (batch statistics) and
+//                    clamp folded into the input: y = depthwise(clamp(x * scale + bias)). Returns
+//                    the gradient of the pre-clamp value (masked where the clamp is flat), dtaps,
+//                    and the channel sums of that gradient and of it times x, which BatchNorm's
+//                    backward pass needs; the activation is never written out.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
+
+using manifold::KeepInside;
+using manifold::kLanes;
+using manifold::Load;
+using manifold::ParallelFor;
+using manifold::Store;
+using manifold::Vec;
 
 struct Geometry {
   int64_t n, h, w, c, k, oh, ow, stride, pad_top, pad_left;
 };
-
-// Runs body(task) for task in [0, tasks) on the calling thread and on up to num_threads - 1
-// helpers from XLA's pool. The caller never waits on a helper that has not started: it takes
-// tasks itself and waits only for tasks that a running helper has taken, so it cannot deadlock
-// when the pool is busy. Late helpers find no task left and return.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t tasks = 0;
-    const Body* body = nullptr;
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto state = std::make_shared<State>();
-  state->tasks = tasks;
-  state->body = &body;
-  auto work = [state]() {
-    for (int64_t t; (t = state->next.fetch_add(1)) < state->tasks;) {
-      (*state->body)(t);
-      if (state->done.fetch_add(1) + 1 == state->tasks) {
-        std::lock_guard<std::mutex> lock(state->mutex);
-        state->finished.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done.load() == state->tasks; });
-}
 
 // One valid tap of an output row: the source row it reads, its per-channel weights, and where
 // output column m reads in that row (source column m * step + offset).
@@ -77,14 +51,6 @@ struct RowTap {
   const float* weights;
   int64_t offset;
 };
-
-// 16 floats in one (AVX-512) or two (AVX2, NEON: four) vector registers; aligned(4) makes loads
-// and stores through a pointer to it unaligned ones.
-typedef float Vec __attribute__((vector_size(64), aligned(4)));
-constexpr int kLanes = 16;
-
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
 // A per-channel affine map followed by a clamp: y = min(max(x * scale + bias, lo), hi). It is
 // how BatchNorm in inference mode and ReLU6 / ReLU / linear fold into the forward kernel.
@@ -278,25 +244,38 @@ void InputGradRow(const Geometry& g, const float* taps, const float* dy, float* 
   }
 }
 
-// partial[c0 .. c0 + V * 16] += sum over ow in [lo, hi) of x[ow * stride + offset] * dy[ow],
+// partial[c0 .. c0 + V * 16] += sum over ow in [lo, hi) of in(x[ow * stride + offset]) * dy[ow],
 // with P independent partial sums (ow = lo + p mod P) so that consecutive multiply-adds do not
-// wait on each other.
-template <int V, int P>
+// wait on each other. in: the optional input map of Gather (identity when null).
+template <int V, int P, bool In>
 inline void TapGradBlock(const float* xrow, const float* dyrow, int64_t stride, int64_t offset,
-                         int64_t channels, int64_t lo, int64_t hi, int64_t c0, float* partial) {
+                         int64_t channels, int64_t lo, int64_t hi, int64_t c0, const Affine* in,
+                         float* partial) {
+  Vec in_scale[V], in_bias[V];
+  if constexpr (In) {
+    for (int v = 0; v < V; ++v) {
+      in_scale[v] = Load(in->scale + c0 + v * kLanes);
+      in_bias[v] = Load(in->bias + c0 + v * kLanes);
+    }
+  }
+  auto source = [&](const float* xp, int v) {
+    const Vec value = Load(xp + v * kLanes);
+    if constexpr (In) return Apply(value, in_scale[v], in_bias[v], in->lo, in->hi);
+    return value;
+  };
   Vec acc[P][V] = {};
   int64_t ow = lo;
   for (; ow + P <= hi; ow += P) {
     for (int p = 0; p < P; ++p) {
       const float* xp = xrow + ((ow + p) * stride + offset) * channels + c0;
       const float* gp = dyrow + (ow + p) * channels + c0;
-      for (int v = 0; v < V; ++v) acc[p][v] += Load(xp + v * kLanes) * Load(gp + v * kLanes);
+      for (int v = 0; v < V; ++v) acc[p][v] += source(xp, v) * Load(gp + v * kLanes);
     }
   }
   for (; ow < hi; ++ow) {
     const float* xp = xrow + (ow * stride + offset) * channels + c0;
     const float* gp = dyrow + ow * channels + c0;
-    for (int v = 0; v < V; ++v) acc[0][v] += Load(xp + v * kLanes) * Load(gp + v * kLanes);
+    for (int v = 0; v < V; ++v) acc[0][v] += source(xp, v) * Load(gp + v * kLanes);
   }
   for (int v = 0; v < V; ++v) {
     Vec sum = Load(partial + c0 + v * kLanes);
@@ -305,14 +284,16 @@ inline void TapGradBlock(const float* xrow, const float* dyrow, int64_t stride, 
   }
 }
 
-// partial[k, k, C] += the tap gradients of output row (n, oh).
-void TapGradRow(const Geometry& g, const float* x, const float* dy, float* partial, int64_t n,
-                int64_t oh) {
-  const float* dyrow = dy + (n * g.oh + oh) * g.ow * g.c;
+// partial[k, k, C] += the tap gradients of input row (n, r): for every tap row i that reads it
+// (from output row oh = (r + pad_top - i) / stride), every tap (i, j) gets the sum over the output
+// columns of in(x[r, ow * stride + j - pad_left]) * dy[oh, ow]; in: the input map (or none).
+void TapGradInputRow(const Geometry& g, const float* x, const float* dy, float* partial, int64_t n,
+                     int64_t r, const Affine* in) {
+  const float* xrow = x + (n * g.h + r) * g.w * g.c;
   for (int64_t i = 0; i < g.k; ++i) {
-    const int64_t r = oh * g.stride + i - g.pad_top;
-    if (r < 0 || r >= g.h) continue;
-    const float* xrow = x + (n * g.h + r) * g.w * g.c;
+    const int64_t qh = r + g.pad_top - i;
+    if (qh < 0 || qh % g.stride != 0 || qh / g.stride >= g.oh) continue;
+    const float* dyrow = dy + (n * g.oh + qh / g.stride) * g.ow * g.c;
     for (int64_t j = 0; j < g.k; ++j) {
       // output columns whose input column ow * stride + j - pad_left lies inside the row
       const int64_t off = j - g.pad_left;
@@ -321,17 +302,46 @@ void TapGradRow(const Geometry& g, const float* x, const float* dy, float* parti
       float* pp = partial + (i * g.k + j) * g.c;
       int64_t c0 = 0;
       for (; c0 + 2 * kLanes <= g.c; c0 += 2 * kLanes) {
-        TapGradBlock<2, 4>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, pp);
+        if (in) TapGradBlock<2, 4, true>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, in, pp);
+        else TapGradBlock<2, 4, false>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, in, pp);
       }
       if (c0 + kLanes <= g.c) {
-        TapGradBlock<1, 4>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, pp);
+        if (in) TapGradBlock<1, 4, true>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, in, pp);
+        else TapGradBlock<1, 4, false>(xrow, dyrow, g.stride, off, g.c, lo, hi, c0, in, pp);
         c0 += kLanes;
       }
       for (; c0 < g.c; ++c0) {  // fewer than 16 channels left
         for (int64_t ow = lo; ow < hi; ++ow) {
-          pp[c0] += xrow[(ow * g.stride + off) * g.c + c0] * dyrow[ow * g.c + c0];
+          const float value = xrow[(ow * g.stride + off) * g.c + c0];
+          pp[c0] += (in ? Apply(value, *in, c0) : value) * dyrow[ow * g.c + c0];
         }
       }
+    }
+  }
+}
+
+// Input row (n, r) of the fused backward pass: the gradient da of the map's output, in place in
+// dxrow, becomes dz = da where lo < z = x * scale + bias < hi (the clamp passes gradient), else 0;
+// sums[0 .. C) += dz and sums[C .. 2C) += dz * x.
+void MaskRow(const Geometry& g, const float* xrow, const Affine& in, float* dxrow, float* sums) {
+  float* sums_x = sums + g.c;
+  for (int64_t m = 0; m < g.w; ++m) {
+    const float* xp = xrow + m * g.c;
+    float* dp = dxrow + m * g.c;
+    int64_t c = 0;
+    for (; c + kLanes <= g.c; c += kLanes) {
+      const Vec v = Load(xp + c);
+      const Vec dz = KeepInside(Load(dp + c), v * Load(in.scale + c) + Load(in.bias + c), in.lo, in.hi);
+      Store(dp + c, dz);
+      Store(sums + c, Load(sums + c) + dz);
+      Store(sums_x + c, Load(sums_x + c) + dz * v);
+    }
+    for (; c < g.c; ++c) {
+      const float z = xp[c] * in.scale[c] + in.bias[c];
+      const float dz = (z > in.lo && z < in.hi) ? dp[c] : 0.0f;
+      dp[c] = dz;
+      sums[c] += dz;
+      sums_x[c] += dz * xp[c];
     }
   }
 }
@@ -415,46 +425,73 @@ ffi::Error DepthwiseForwardFused(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// (dx, dtaps) of y = depthwise(in(x)), in: the optional input map. With it, dx is the masked
+// gradient dz of the map's pre-clamp value (see MaskRow) and sums [2, C] receives the channel
+// sums of dz and dz * x: what BatchNorm's backward pass needs besides x itself.
+void RunBackward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* taps,
+                 const float* dy, float* dx, float* dtaps, const Affine* in, float* sums) {
+  // One pass over the input rows: each row's input gradient, its mask and sums, and its tap
+  // gradients, while the row of x and the rows of dy it meets are in cache. Partial sums per
+  // chunk of rows; a fixed number of chunks (independent of the thread count), added in chunk
+  // order, keeps dtaps and sums deterministic.
+  const int64_t rows = g.n * g.h;
+  const int64_t chunks = std::min<int64_t>(rows, 64);
+  const int64_t tap_elems = g.k * g.k * g.c;
+  const int64_t per_chunk = tap_elems + (in ? 2 * g.c : 0);
+  std::vector<float> partial(chunks * per_chunk, 0.0f);
+  ParallelFor(pool, chunks, [&](int64_t t) {
+    float* tap_partial = partial.data() + t * per_chunk;
+    for (int64_t row = rows * t / chunks; row < rows * (t + 1) / chunks; ++row) {
+      const int64_t n = row / g.h, r = row % g.h;
+      InputGradRow(g, taps, dy, dx, n, r);
+      if (in) MaskRow(g, x + row * g.w * g.c, *in, dx + row * g.w * g.c, tap_partial + tap_elems);
+      TapGradInputRow(g, x, dy, tap_partial, n, r, in);
+    }
+  });
+  std::vector<double> total(per_chunk, 0.0);
+  for (int64_t t = 0; t < chunks; ++t) {
+    for (int64_t e = 0; e < per_chunk; ++e) total[e] += partial[t * per_chunk + e];
+  }
+  for (int64_t e = 0; e < tap_elems; ++e) dtaps[e] = static_cast<float>(total[e]);
+  if (in) {
+    for (int64_t e = 0; e < 2 * g.c; ++e) sums[e] = static_cast<float>(total[tap_elems + e]);
+  }
+}
+
 ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> dy,
                              ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dtaps,
                              int64_t stride, int64_t pad_top, int64_t pad_left) {
-  const auto gd = dy.dimensions();
   Geometry g;
-  if (auto err = CheckGeometry(x, taps, gd, stride, pad_top, pad_left, &g);
+  if (auto err = CheckGeometry(x, taps, dy.dimensions(), stride, pad_top, pad_left, &g);
       err.failure()) {
     return err;
   }
-  const float* xp = x.typed_data();
-  const float* tp = taps.typed_data();
-  const float* gp = dy.typed_data();
-  float* dxp = dx->typed_data();
+  RunBackward(pool, g, x.typed_data(), taps.typed_data(), dy.typed_data(), dx->typed_data(),
+              dtaps->typed_data(), nullptr, nullptr);
+  return ffi::Error::Success();
+}
 
-  const int64_t in_rows = g.n * g.h;
-  const int64_t in_per = RowsPerTask(in_rows, g.w * g.c);
-  ParallelFor(pool, (in_rows + in_per - 1) / in_per, [&](int64_t t) {
-    for (int64_t row = t * in_per; row < std::min(in_rows, (t + 1) * in_per); ++row) {
-      InputGradRow(g, tp, gp, dxp, row / g.h, row % g.h);
-    }
-  });
-
-  // A fixed number of chunks (independent of the thread count) keeps dtaps deterministic.
-  const int64_t out_rows = g.n * g.oh;
-  const int64_t chunks = std::min<int64_t>(out_rows, 32);
-  const int64_t tap_elems = g.k * g.k * g.c;
-  std::vector<float> partial(chunks * tap_elems, 0.0f);
-  ParallelFor(pool, chunks, [&](int64_t t) {
-    const int64_t begin = out_rows * t / chunks, end = out_rows * (t + 1) / chunks;
-    for (int64_t row = begin; row < end; ++row) {
-      TapGradRow(g, xp, gp, partial.data() + t * tap_elems, row / g.oh, row % g.oh);
-    }
-  });
-  float* out = dtaps->typed_data();
-  std::memcpy(out, partial.data(), tap_elems * sizeof(float));
-  for (int64_t t = 1; t < chunks; ++t) {
-    const float* p = partial.data() + t * tap_elems;
-    for (int64_t e = 0; e < tap_elems; ++e) out[e] += p[e];
+// Training with the previous BatchNorm and activation folded in (y = depthwise(in(x)), in from
+// the batch statistics): (dz, dtaps, sums) as in RunBackward.
+ffi::Error DepthwiseBackwardFused(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> dy,
+                                  ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_bias,
+                                  ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dtaps,
+                                  ffi::ResultBuffer<ffi::F32> sums, int64_t stride,
+                                  int64_t pad_top, int64_t pad_left, float in_lo, float in_hi) {
+  Geometry g;
+  if (auto err = CheckGeometry(x, taps, dy.dimensions(), stride, pad_top, pad_left, &g);
+      err.failure()) {
+    return err;
   }
+  const size_t c = static_cast<size_t>(g.c);
+  if (in_scale.element_count() != c || in_bias.element_count() != c || sums->element_count() != 2 * c) {
+    return ffi::Error::InvalidArgument("depthwise: scale and bias must have C elements, sums 2 C");
+  }
+  const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_lo, in_hi};
+  RunBackward(pool, g, x.typed_data(), taps.typed_data(), dy.typed_data(), dz->typed_data(),
+              dtaps->typed_data(), &in, sums->typed_data());
   return ffi::Error::Success();
 }
 
@@ -500,3 +537,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseBackward, DepthwiseBackward,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseBackwardFused, DepthwiseBackwardFused,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<float>("in_lo")
+                                  .Attr<float>("in_hi"));
