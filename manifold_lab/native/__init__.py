@@ -92,8 +92,9 @@ def _build(name: str, cxx: str, target: Path) -> None:
         cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE_DIR / f"{name}.cc"), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{Path(cxx).name} exited with {proc.returncode}: {last}")
+            lines = proc.stderr.strip().splitlines() or ["no output"]
+            first_error = next((line for line in lines if "error" in line), lines[-1])
+            raise RuntimeError(f"{Path(cxx).name} exited with {proc.returncode}: {first_error.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

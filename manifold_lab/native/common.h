@@ -10,6 +10,10 @@
 #include <memory>
 #include <mutex>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -58,6 +62,29 @@ typedef int32_t Mask __attribute__((vector_size(64), aligned(4)));
 
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// A store that bypasses the caches (no read of the line before it is written) where p is
+// 64-byte aligned and the CPU has AVX-512; a plain store elsewhere. For outputs far larger than
+// the caches, which the next operation reads from memory anyway. Call StreamFence() before the
+// results are handed to another thread.
+inline void StoreStream(float* p, Vec v) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_ps(p, (__m512)v);
+    return;
+  }
+#endif
+  Store(p, v);
+}
+
+inline void StreamFence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// Outputs of at least this many bytes are written with StoreStream.
+constexpr int64_t kStreamBytes = 16 << 20;
 
 // v where lo < z < hi, else 0, lane-wise, as a bit mask on registers. The empty asm keeps v in
 // a register: otherwise GCC folds the mask into v's load as an AVX-512 zero-masking load, which
