@@ -275,7 +275,8 @@ def test_im2col_convolution_equals_xla(in_channels, stride, padding):
     cot = jax.random.normal(kg, (2, out_h, out_w, 6))
 
     def im2col(x, kernel):
-        inner = ConvBN(in_channels, 6, kernel_size=3, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+        inner = ConvBN(in_channels, 6, kernel_size=3, stride=stride, padding=padding, impl="xla",
+                       rngs=nnx.Rngs(0))
         inner.kernel[...] = kernel
         return inner.conv(x)
 

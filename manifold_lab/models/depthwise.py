@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from manifold_lab import native
-from manifold_lab.models.layers import (batch_norm_act, bn_input_grad, bn_stats, he_normal, native_batch_norm,
-                                        pad_amounts, update_running_stats)
+from manifold_lab.models.layers import (batch_norm_act, bn_input_grad, bn_stats, he_normal, pad_amounts,
+                                        update_running_stats, uses_native)
 
 Array = jax.Array
 
@@ -220,7 +220,7 @@ def _input_map(scale, bias, mean, var, epsilon):
 
 
 def _bn_act_depthwise_fwd(x, taps, scale, bias, epsilon, act, stride, pads):
-    mean, var = bn_stats(x, native_batch_norm(x))
+    mean, var = bn_stats(x, uses_native("native", x, "batchnorm"))
     a, shift, _ = _input_map(scale, bias, mean, var, epsilon)
     lo, hi = (np.float32(b) for b in ACTIVATION_BOUNDS[act])
     ones, zeros = jnp.ones_like(a), jnp.zeros_like(a)
@@ -289,4 +289,4 @@ class DepthwiseBN(nnx.Module):
         else:
             y = depthwise_conv(x, self.kernel[...].astype(self.dtype), stride=self.stride,
                                padding=self.padding, impl=self.impl)
-        return batch_norm_act(self.bn, y, train, self.act)
+        return batch_norm_act(self.bn, y, train, self.act, self.impl)

@@ -75,12 +75,13 @@ def he_normal(key: Array, shape: tuple[int, ...], fan: int) -> Array:
     return normal(key, shape, math.sqrt(2.0 / fan))
 
 
-def native_batch_norm(x: Array) -> bool:
-    """Whether training-mode BatchNorm of ``x`` takes the native channel reductions
-    (:mod:`manifold_lab.native`, ``batchnorm``): float32 on the CPU backend, where they can be
-    built. Decided when the model is traced."""
-    return (x.dtype == jnp.float32 and jax.default_backend() == "cpu"
-            and native.load("batchnorm") is not None)
+def uses_native(impl: str, x: Array, library: str) -> bool:
+    """Whether a layer of a network whose depthwise form is ``impl`` runs ``x`` through the native
+    kernels of ``library`` (:mod:`manifold_lab.native`): forms ``native`` and ``auto`` (see
+    :func:`manifold_lab.models.depthwise.resolve_impl`), float32, the CPU backend, and the library
+    built. ``xla`` and ``shift`` keep the whole network in pure JAX. Decided when traced."""
+    return (impl in ("auto", "native") and x.dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and native.load(library) is not None)
 
 
 #: (lo, hi) of the open interval where each activation passes gradient (None: everywhere)
@@ -186,14 +187,15 @@ def update_running_stats(bn: nnx.BatchNorm, mean: Array, var: Array) -> None:
 _bn_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)
 
 
-def batch_norm_act(bn: nnx.BatchNorm, x: Array, train: bool, act: str) -> Array:
+def batch_norm_act(bn: nnx.BatchNorm, x: Array, train: bool, act: str, impl: str = "xla") -> Array:
     """``act(bn(x))`` for an ``nnx.BatchNorm`` over the last axis. Inference: the module itself.
     Training: the same batch statistics, running-average update and result as the module (up to
-    float32 rounding), through :func:`_bn_act_train`'s hand-written gradient (with the native
-    reductions where :func:`native_batch_norm`)."""
+    float32 rounding), through :func:`_bn_act_train`'s hand-written gradient, with the native
+    reductions where :func:`uses_native` for the network's depthwise form ``impl``."""
     if not train:
         return activation(act)(bn(x, use_running_average=True))
-    y, mean, var = _bn_act_train(x, bn.scale[...], bn.bias[...], bn.epsilon, act, native_batch_norm(x))
+    y, mean, var = _bn_act_train(x, bn.scale[...], bn.bias[...], bn.epsilon, act,
+                                 uses_native(impl, x, "batchnorm"))
     update_running_stats(bn, mean, var)
     return y
 
@@ -214,19 +216,55 @@ def im2col(x: Array, k: int, stride: int, pads: list[tuple[int, int]]) -> Array:
     return jnp.concatenate(windows, axis=-1)
 
 
+def _im2col_conv(x: Array, kernel: Array, stride: int, pads) -> Array:
+    """A k x k convolution as one matmul over the stacked windows of :func:`im2col`."""
+    k, c_in = kernel.shape[0], kernel.shape[2]
+    columns = im2col(x, k, stride, list(pads))
+    out = jnp.dot(columns.reshape(-1, k * k * c_in), kernel.reshape(k * k * c_in, -1))
+    return out.reshape(*columns.shape[:-1], kernel.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_conv(x: Array, kernel: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
+    """The convolution by the native kernel, which reads the image in place (no im2col copy). The
+    gradients are those of :func:`_im2col_conv` (XLA drops the input's when nothing uses it)."""
+    k = kernel.shape[0]
+    n, h, w, _ = x.shape
+    out_h, out_w = ((size + lo + hi - k) // stride + 1 for size, (lo, hi) in zip((h, w), pads))
+    call = jax.ffi.ffi_call("manifold_conv_fwd", jax.ShapeDtypeStruct((n, out_h, out_w, kernel.shape[-1]), x.dtype),
+                            vmap_method="sequential")
+    return call(x, kernel, stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0]))
+
+
+def _native_conv_fwd(x, kernel, stride, pads):
+    return _native_conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _native_conv_bwd(stride, pads, residuals, g):
+    _, vjp = jax.vjp(lambda x, k: _im2col_conv(x, k, stride, pads), *residuals)
+    return vjp(g)
+
+
+_native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
 class ConvBN(nnx.Module):
     """A dense (ungrouped) convolution without bias, BatchNorm, then an activation.
 
     1x1 stride-1 convolutions are computed as a matmul over the channel axis, and convolutions with
     few input channels (the stem: k * k * C_in <= ``IM2COL_MAX_DEPTH``) as one matmul over the
     k * k shifted windows stacked on the channel axis (im2col); both are faster than XLA's
-    convolution on CPU for these shapes, with the same result up to float32 rounding.
+    convolution on CPU for these shapes, with the same result up to float32 rounding. ``impl`` is
+    the network's depthwise form: where :func:`uses_native` for it, the stem-like convolution's
+    forward pass and BatchNorm's training reductions take the native kernels.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 1, stride: int = 1,
                  padding: str = "same", act: str = "relu6", bn_epsilon: float = 1e-3,
-                 bn_momentum: float = 0.997, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
+                 bn_momentum: float = 0.997, dtype: jnp.dtype = jnp.float32, impl: str = "auto",
+                 rngs: nnx.Rngs) -> None:
         self.kernel_size = kernel_size
+        self.impl = impl
         self.stride = stride
         self.padding = padding
         self.act = act
@@ -248,15 +286,15 @@ class ConvBN(nnx.Module):
         pads = [pad_amounts(n, self.kernel_size, self.stride, self.padding) for n in x.shape[1:3]]
         k, c_in = self.kernel_size, x.shape[-1]
         if k * k * c_in <= IM2COL_MAX_DEPTH:
-            columns = im2col(x, k, self.stride, pads)
-            out = jnp.dot(columns.reshape(-1, k * k * c_in), kernel.reshape(k * k * c_in, -1))
-            return out.reshape(*columns.shape[:-1], kernel.shape[-1])
+            if uses_native(self.impl, x, "conv"):
+                return _native_conv(x, kernel, self.stride, tuple(pads))
+            return _im2col_conv(x, kernel, self.stride, pads)
         return jax.lax.conv_general_dilated(
             x, kernel, (self.stride, self.stride), pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def __call__(self, x: Array, train: bool) -> Array:
-        return batch_norm_act(self.bn, self.conv(x), train, self.act)
+        return batch_norm_act(self.bn, self.conv(x), train, self.act, self.impl)
 
 
 class Classifier(nnx.Module):

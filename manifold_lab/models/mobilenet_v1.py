@@ -28,9 +28,9 @@ class SeparableLayer(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, config: MobileNetV1Config,
                  *, rngs: nnx.Rngs) -> None:
         common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum,
-                      dtype=jnp.dtype(config.compute_dtype), act="relu", rngs=rngs)
-        self.depthwise = DepthwiseBN(in_channels, stride=stride, padding=config.padding,
-                                     impl=config.depthwise_impl, **common)
+                      dtype=jnp.dtype(config.compute_dtype), act="relu", impl=config.depthwise_impl,
+                      rngs=rngs)
+        self.depthwise = DepthwiseBN(in_channels, stride=stride, padding=config.padding, **common)
         self.pointwise = ConvBN(in_channels, out_channels, **common)
 
     def __call__(self, x: Array, train: bool) -> tuple[Array, Array]:
@@ -46,7 +46,7 @@ class MobileNetV1(nnx.Module):
         self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,
                            padding=config.padding, act="relu", bn_epsilon=config.bn_epsilon,
                            bn_momentum=config.bn_momentum, dtype=jnp.dtype(config.compute_dtype),
-                           rngs=rngs)
+                           impl=config.depthwise_impl, rngs=rngs)
         layers = []
         in_ch = config.stem_out
         for spec, stride in zip(config.layers, config.layer_strides()):

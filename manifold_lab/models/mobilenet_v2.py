@@ -75,7 +75,7 @@ class InvertedResidual(nnx.Module):
     def __init__(self, spec: BlockSpec, config: MobileNetV2Config, *, expansion_shortcut: bool,
                  rngs: nnx.Rngs) -> None:
         common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum,
-                      dtype=jnp.dtype(config.compute_dtype), rngs=rngs)
+                      dtype=jnp.dtype(config.compute_dtype), impl=config.depthwise_impl, rngs=rngs)
         self.index = spec.index
         self.bottleneck_shortcut = config.residual == "bottleneck" and spec.bottleneck_shortcut
         self.expansion_shortcut = expansion_shortcut
@@ -83,7 +83,7 @@ class InvertedResidual(nnx.Module):
         self.expansion = (ConvBN(spec.in_channels, spec.expanded_channels, act="relu6", **common)
                           if spec.has_expansion else None)
         self.depthwise = DepthwiseBN(spec.expanded_channels, stride=spec.stride, padding=config.padding,
-                                     impl=config.depthwise_impl, act="relu6", **common)
+                                     act="relu6", **common)
         self.projection = ConvBN(spec.expanded_channels, spec.out_channels,
                                  act=config.bottleneck_activation, **common)
 
@@ -137,7 +137,8 @@ class MobileNetV2(nnx.Module):
     def __init__(self, config: MobileNetV2Config, *, rngs: nnx.Rngs) -> None:
         self.config = config
         dtype = jnp.dtype(config.compute_dtype)
-        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum, dtype=dtype, rngs=rngs)
+        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum, dtype=dtype,
+                      impl=config.depthwise_impl, rngs=rngs)
         self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,
                            padding=config.padding, act="relu6", **common)
         shortcuts = set(config.expansion_shortcuts()) if config.residual == "expansion" else set()

@@ -1,7 +1,7 @@
 """Native XLA:CPU kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
 
 Each ``.cc`` file beside this module is one library (``depthwise``: the depthwise convolution;
-``batchnorm``: BatchNorm's training reductions), compiled with the shared ``.h`` headers by the
+``batchnorm``: BatchNorm's training reductions; ``conv``: the stem's convolution), compiled with the shared ``.h`` headers by the
 system C++ compiler (``$CXX``, else ``c++``/``g++``, C++20, ``-O3 -march=native``) against the
 FFI headers that jaxlib ships (``jax.ffi.include_dir()``), into ``$MANIFOLD_LAB_CACHE`` (default
 ``~/.cache/manifold_lab``). The file name holds a hash of the sources, the flags, the jaxlib
@@ -41,6 +41,7 @@ TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
                   ("manifold_dw_bwd_fused", "ManifoldDepthwiseBackwardFused")),
     "batchnorm": (("manifold_bn_moments", "ManifoldBatchNormMoments"),
                   ("manifold_bn_grad_sums", "ManifoldBatchNormGradSums")),
+    "conv": (("manifold_conv_fwd", "ManifoldConvForward"),),
 }
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
