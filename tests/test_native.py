@@ -2,7 +2,7 @@
 shapes that reach each of its code paths, under vmap and jit, deterministic, replaced by the shift
 form where it cannot be built, and equal to the layers it fuses, in inference and in training.
 BatchNorm's training reductions: equal to the pure-JAX ones, forward and backward. The stem's
-convolution: equal to its im2col matmul, forward and backward."""
+convolution and its weight gradient: equal to the im2col matmul."""
 
 from __future__ import annotations
 
@@ -279,8 +279,9 @@ def test_model_training_native_equals_shift(residual):
     ((8, 8), 3, 8, 2, "same"), ((5, 3), 3, 48, 1, "symmetric"),
 ])
 def test_native_conv_equals_im2col(size, c_in, c_out, stride, padding):
-    """The native small-input-channel convolution: the same output as the im2col matmul, and its
-    gradients (which are the im2col path's)."""
+    """The native small-input-channel convolution: the same output and gradients (the kernel's by
+    the native weight-gradient kernel: its register path for 3 input channels, its general path
+    for 2, both with edge columns and a channel tail) as the im2col matmul."""
     kx, kk, kg = jax.random.split(jax.random.key(11), 3)
     x = jax.random.normal(kx, (2, *size, c_in))
     kernel = jax.random.normal(kk, (3, 3, c_in, c_out))

@@ -226,8 +226,9 @@ def _im2col_conv(x: Array, kernel: Array, stride: int, pads) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _native_conv(x: Array, kernel: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
-    """The convolution by the native kernel, which reads the image in place (no im2col copy). The
-    gradients are those of :func:`_im2col_conv` (XLA drops the input's when nothing uses it)."""
+    """The convolution by the native kernel, which reads the image in place (no im2col copy); the
+    kernel's gradient by another native kernel, the input's through :func:`_im2col_conv` (which
+    XLA drops when nothing uses it, as for the image fed to the stem)."""
     k = kernel.shape[0]
     n, h, w, _ = x.shape
     out_h, out_w = ((size + lo + hi - k) // stride + 1 for size, (lo, hi) in zip((h, w), pads))
@@ -241,8 +242,13 @@ def _native_conv_fwd(x, kernel, stride, pads):
 
 
 def _native_conv_bwd(stride, pads, residuals, g):
-    _, vjp = jax.vjp(lambda x, k: _im2col_conv(x, k, stride, pads), *residuals)
-    return vjp(g)
+    x, kernel = residuals
+    wgrad = jax.ffi.ffi_call("manifold_conv_wgrad", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+                             vmap_method="sequential")
+    grad_kernel = wgrad(x, g.astype(x.dtype), stride=np.int64(stride), pad_top=np.int64(pads[0][0]),
+                        pad_left=np.int64(pads[1][0]))
+    _, input_vjp = jax.vjp(lambda x: _im2col_conv(x, kernel, stride, pads), x)
+    return input_vjp(g)[0], grad_kernel
 
 
 _native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)

@@ -41,7 +41,8 @@ TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
                   ("manifold_dw_bwd_fused", "ManifoldDepthwiseBackwardFused")),
     "batchnorm": (("manifold_bn_moments", "ManifoldBatchNormMoments"),
                   ("manifold_bn_grad_sums", "ManifoldBatchNormGradSums")),
-    "conv": (("manifold_conv_fwd", "ManifoldConvForward"),),
+    "conv": (("manifold_conv_fwd", "ManifoldConvForward"),
+             ("manifold_conv_wgrad", "ManifoldConvWeightGrad")),
 }
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
