@@ -223,12 +223,12 @@ def cpu() -> Preset:
     on 2 CPU cores.
 
     Command: ``python -m ablations.run all --preset cpu && python -m ablations.figures --preset cpu``
-    Expected: 30 minutes (measured 29 min 42 s with the native depthwise kernel: training 29 min
-    20 s with two runs side by side, one per core, ``--workers auto``, under jemalloc: 3.2-3.9
-    minutes per width-0.35 run, 4.8 for width 0.5, 11.6 for width 1.0; figures 22 s. With the
-    pure-JAX ``shift`` form it took 52 min 21 s); baseline (linear bottleneck, bottleneck shortcuts)
-    90.1% test accuracy, 95% interval [89.4, 90.8] over 3 seeds (90.31 / 90.14 / 89.77), after 6
-    epochs. REPORT.md gives 95% intervals over 3 seeds and a verdict per claim. Run times vary
+    Expected: 25 minutes (measured 23 min 23 s with the native kernels: training 23 min 3 s with
+    two runs side by side, one per core, ``--workers auto``, under jemalloc: 2.4-2.9 minutes per
+    width-0.35 run, 4.0 for width 0.5, 9.2 for width 1.0; figures 20 s. With the native depthwise
+    kernel alone it took 29 min 42 s, with the pure-JAX ``shift`` form 52 min 21 s); baseline
+    (linear bottleneck, bottleneck shortcuts) 90.0% test accuracy, 95% interval [89.3, 90.7] over
+    3 seeds (90.27 / 89.74 / 89.96), after 6 epochs. REPORT.md gives 95% intervals over 3 seeds and a verdict per claim. Run times vary
     with the host: one session measured about 6 minutes for a 4-epoch width-0.35 run that took 4.3
     in the next.
 
@@ -239,8 +239,8 @@ def cpu() -> Preset:
     after 150 AdamW steps, 25.6% test accuracy with them against 56.8% without); the paper's RMSProp
     at twice its learning rate (0.09) with a cosine decay to zero over the 6 epochs instead of 0.98
     per epoch, so that the rate anneals within the run; BatchNorm decay 0.99.
-    Scale knobs: ``epochs``, ``width``, ``widths`` below (width 1.0 is the longest run: 12 of the
-    58 minutes of training summed over the runs).
+    Scale knobs: ``epochs``, ``width``, ``widths`` below (width 1.0 is the longest run: 9 of the
+    45 minutes of training summed over the runs).
     """
     return Preset(
         name="cpu", doc=cpu.__doc__ or "",
