@@ -198,9 +198,9 @@ def quick() -> Preset:
     resolved at this scale".
 
     Command: ``python -m ablations.run all --preset quick && python -m ablations.figures --preset quick``
-    Expected: all figures; baseline test accuracy about 80% after the short schedule (measured 79.82%
+    Expected: all figures; baseline test accuracy about 80% after the short schedule (measured 79.60%
     with two workers and the native kernels, 80.38% with the native depthwise kernel alone, 79.15%
-    with the shift form, 81.27% on another host; 1 min 56 s for the whole ``make run`` in a fresh
+    with the shift form, 81.27% on another host; 1 min 33 s for the whole ``make run`` in a fresh
     clone with the venv in place, 5 min 21 s with the install on a slower host).
     No crop/flip augmentation: with it, 500 steps at the paper's learning rate were unstable (loss
     spikes; accuracies from 10% to 72% depending on float rounding alone).
