@@ -53,6 +53,19 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   state->finished.wait(lock, [&] { return state->done.load() == state->tasks; });
 }
 
+// The FFI binding of a strided convolution call: two float32 inputs, one float32 result and
+// the stride and leading pads as attributes.
+inline auto StridedConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_left");
+}
+
 // 16 floats in one (AVX-512) or two (AVX2, NEON: four) vector registers; aligned(4) makes loads
 // and stores through a pointer to it unaligned ones.
 typedef float Vec __attribute__((vector_size(64), aligned(4)));

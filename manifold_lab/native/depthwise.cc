@@ -659,15 +659,7 @@ ffi::Error DepthwiseBackwardFused(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseForward, DepthwiseForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseForward, DepthwiseForward, manifold::StridedConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldDepthwiseForwardFused, DepthwiseForwardFused,
                               ffi::Ffi::Bind()
