@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from manifold_lab import native
-from manifold_lab.models.layers import (batch_norm_act, bn_input_grad, bn_stats, he_normal, pad_amounts,
-                                        update_running_stats, uses_native)
+from manifold_lab.models.layers import (batch_norm_act, bn_input_grad, bn_stats, he_normal, native_conv_attrs,
+                                        native_conv_output, pad_amounts, update_running_stats, uses_native)
 
 Array = jax.Array
 
@@ -138,23 +138,14 @@ def _shift_depthwise_bwd(stride, pads, residuals, g):
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
 
 
-def _native_attrs(stride: int, pads: tuple[tuple[int, int], ...]) -> dict[str, np.int64]:
-    return dict(stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0]))
-
-
-def _native_output(x: Array, k: int, stride: int, pads: tuple[tuple[int, int], ...]) -> jax.ShapeDtypeStruct:
-    n, h, w, c = x.shape
-    out_h, out_w = ((size + lo + hi - k) // stride + 1 for size, (lo, hi) in zip((h, w), pads))
-    return jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _native_depthwise(x: Array, taps: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
     """Depthwise conv of NHWC float32 ``x`` with ``taps`` (k, k, C) by the native kernel."""
     # vmap (multi-seed training) runs the kernel once per mapped element
-    call = jax.ffi.ffi_call("manifold_dw_fwd", _native_output(x, taps.shape[0], stride, pads),
+    call = jax.ffi.ffi_call("manifold_dw_fwd", native_conv_output(x, taps.shape[0], stride, pads, x.shape[-1]),
                             vmap_method="sequential")
-    return call(x, taps, **_native_attrs(stride, pads))
+    return call(x, taps, **native_conv_attrs(stride, pads))
 
 
 def _native_depthwise_fwd(x, taps, stride, pads):
@@ -166,7 +157,7 @@ def _native_depthwise_bwd(stride, pads, residuals, g):
     call = jax.ffi.ffi_call("manifold_dw_bwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                 jax.ShapeDtypeStruct(taps.shape, taps.dtype)),
                             vmap_method="sequential")
-    return tuple(call(x, taps, g.astype(x.dtype), **_native_attrs(stride, pads)))
+    return tuple(call(x, taps, g.astype(x.dtype), **native_conv_attrs(stride, pads)))
 
 
 _native_depthwise.defvjp(_native_depthwise_fwd, _native_depthwise_bwd)
@@ -195,9 +186,9 @@ def fused_inference_depthwise(x: Array, kernel: Array, *, stride: int, padding: 
     # without in_bn the kernel ignores in_scale / in_bias (fuse_input=0): any C-vectors do
     in_scale, in_bias = folded_batch_norm(in_bn) if in_bn is not None else (out_scale, out_bias)
     bounds = [np.float32(b) for b in (*ACTIVATION_BOUNDS[in_act], *ACTIVATION_BOUNDS[out_act])]
-    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", _native_output(x, k, stride, pads),
+    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", native_conv_output(x, k, stride, pads, x.shape[-1]),
                             vmap_method="sequential")
-    return call(x, kernel[:, :, 0, :], in_scale, in_bias, out_scale, out_bias, **_native_attrs(stride, pads),
+    return call(x, kernel[:, :, 0, :], in_scale, in_bias, out_scale, out_bias, **native_conv_attrs(stride, pads),
                 fuse_input=np.int64(in_bn is not None), in_lo=bounds[0], in_hi=bounds[1], out_lo=bounds[2],
                 out_hi=bounds[3])
 
@@ -224,9 +215,9 @@ def _bn_act_depthwise_fwd(x, taps, scale, bias, epsilon, act, stride, pads):
     a, shift, _ = _input_map(scale, bias, mean, var, epsilon)
     lo, hi = (np.float32(b) for b in ACTIVATION_BOUNDS[act])
     ones, zeros = jnp.ones_like(a), jnp.zeros_like(a)
-    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", _native_output(x, taps.shape[0], stride, pads),
+    call = jax.ffi.ffi_call("manifold_dw_fwd_fused", native_conv_output(x, taps.shape[0], stride, pads, x.shape[-1]),
                             vmap_method="sequential")
-    y = call(x, taps, a, shift, ones, zeros, **_native_attrs(stride, pads), fuse_input=np.int64(1),
+    y = call(x, taps, a, shift, ones, zeros, **native_conv_attrs(stride, pads), fuse_input=np.int64(1),
              in_lo=lo, in_hi=hi, out_lo=np.float32(-np.inf), out_hi=np.float32(np.inf))
     return (y, mean, var), (x, taps, scale, bias, mean, var)
 
@@ -240,7 +231,7 @@ def _bn_act_depthwise_bwd(epsilon, act, stride, pads, residuals, cotangents):
                                                       jax.ShapeDtypeStruct(taps.shape, taps.dtype),
                                                       jax.ShapeDtypeStruct((2, c), jnp.float32)),
                             vmap_method="sequential")
-    gz, grad_taps, sums = call(x, taps, cotangents[0], a, shift, **_native_attrs(stride, pads), in_lo=lo, in_hi=hi)
+    gz, grad_taps, sums = call(x, taps, cotangents[0], a, shift, **native_conv_attrs(stride, pads), in_lo=lo, in_hi=hi)
     grad_x, grad_scale = bn_input_grad(x, gz, a, rstd, mean, sums[0], sums[1])
     return grad_x, grad_taps, grad_scale, sums[0]
 
@@ -276,13 +267,13 @@ class DepthwiseBN(nnx.Module):
         are updated as by :func:`batch_norm_act`)."""
         if input_bn is not None and not self.fuses_input():
             raise ValueError("input_bn needs the native float32 depthwise form")
-        pads = tuple(pad_amounts(n, 3, self.stride, self.padding) for n in x.shape[1:3])
         if not train and self.fuses_input():
             in_bn, in_act = input_bn if input_bn is not None else (None, "linear")
             return fused_inference_depthwise(x, self.kernel[...], stride=self.stride, padding=self.padding,
                                              out_bn=self.bn, out_act=self.act, in_bn=in_bn, in_act=in_act)
         if input_bn is not None:
             in_bn, in_act = input_bn
+            pads = tuple(pad_amounts(n, 3, self.stride, self.padding) for n in x.shape[1:3])
             y, mean, var = _bn_act_depthwise_train(x, self.kernel[...][:, :, 0, :], in_bn.scale[...],
                                                    in_bn.bias[...], in_bn.epsilon, in_act, self.stride, pads)
             update_running_stats(in_bn, mean, var)

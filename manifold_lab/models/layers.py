@@ -117,10 +117,11 @@ def bn_stats(x: Array, use_native: bool) -> tuple[Array, Array]:
     return mean, var
 
 
-def _bn_grad_sums(x: Array, g: Array, a: Array, b: Array, act: str, use_native: bool
+def _bn_grad_sums(x: Array, g: Array, gz: Array, a: Array, b: Array, act: str, use_native: bool
                   ) -> tuple[Array, Array]:
     """(sum gz, sum gz * x) over all axes but the last, gz = g where ``act`` passes gradient at
-    the pre-activation ``x * a + b``, else 0."""
+    the pre-activation ``x * a + b``, else 0. Natively from ``g`` in one read (the mask applied on
+    the fly); in pure JAX from ``gz`` itself."""
     interval = GRADIENT_INTERVALS[act]
     if use_native:
         c = x.shape[-1]
@@ -129,7 +130,6 @@ def _bn_grad_sums(x: Array, g: Array, a: Array, b: Array, act: str, use_native: 
                                 vmap_method="sequential")
         return tuple(sums(x, g, a, b, masked=np.int64(interval is not None), lo=np.float32(lo),
                           hi=np.float32(hi)))
-    gz = _masked(g, x * a + b, interval)
     axes = tuple(range(x.ndim - 1))
     return jnp.sum(gz, axes), jnp.sum(gz * x, axes)
 
@@ -160,8 +160,8 @@ def _bn_act_bwd(epsilon, act, use_native, residuals, cotangents):
     xf = x.astype(jnp.float32)
     a = scale * rstd  # y_pre = a * x + (bias - a * mean)
     shift = bias - a * mean
-    grad_bias, sum_gx = _bn_grad_sums(xf, g, a, shift, act, use_native)
     gz = _masked(g, xf * a + shift, GRADIENT_INTERVALS[act])
+    grad_bias, sum_gx = _bn_grad_sums(xf, g, gz, a, shift, act, use_native)
     grad_x, grad_scale = bn_input_grad(xf, gz, a, rstd, mean, grad_bias, sum_gx)
     return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
 
@@ -224,17 +224,28 @@ def _im2col_conv(x: Array, kernel: Array, stride: int, pads) -> Array:
     return out.reshape(*columns.shape[:-1], kernel.shape[-1])
 
 
+def native_conv_attrs(stride: int, pads: tuple[tuple[int, int], ...]) -> dict[str, np.int64]:
+    """The stride and leading pads as the native convolution kernels take them."""
+    return dict(stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0]))
+
+
+def native_conv_output(x: Array, k: int, stride: int, pads: tuple[tuple[int, int], ...],
+                       channels: int) -> jax.ShapeDtypeStruct:
+    """The NHWC output of a k x k convolution of ``x`` with this stride and ``(lo, hi)`` pads."""
+    n, h, w, _ = x.shape
+    out_h, out_w = ((size + lo + hi - k) // stride + 1 for size, (lo, hi) in zip((h, w), pads))
+    return jax.ShapeDtypeStruct((n, out_h, out_w, channels), x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _native_conv(x: Array, kernel: Array, stride: int, pads: tuple[tuple[int, int], ...]) -> Array:
     """The convolution by the native kernel, which reads the image in place (no im2col copy); the
     kernel's gradient by another native kernel, the input's through :func:`_im2col_conv` (which
     XLA drops when nothing uses it, as for the image fed to the stem)."""
-    k = kernel.shape[0]
-    n, h, w, _ = x.shape
-    out_h, out_w = ((size + lo + hi - k) // stride + 1 for size, (lo, hi) in zip((h, w), pads))
-    call = jax.ffi.ffi_call("manifold_conv_fwd", jax.ShapeDtypeStruct((n, out_h, out_w, kernel.shape[-1]), x.dtype),
+    call = jax.ffi.ffi_call("manifold_conv_fwd",
+                            native_conv_output(x, kernel.shape[0], stride, pads, kernel.shape[-1]),
                             vmap_method="sequential")
-    return call(x, kernel, stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0]))
+    return call(x, kernel, **native_conv_attrs(stride, pads))
 
 
 def _native_conv_fwd(x, kernel, stride, pads):
@@ -245,8 +256,7 @@ def _native_conv_bwd(stride, pads, residuals, g):
     x, kernel = residuals
     wgrad = jax.ffi.ffi_call("manifold_conv_wgrad", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
                              vmap_method="sequential")
-    grad_kernel = wgrad(x, g.astype(x.dtype), stride=np.int64(stride), pad_top=np.int64(pads[0][0]),
-                        pad_left=np.int64(pads[1][0]))
+    grad_kernel = wgrad(x, g.astype(x.dtype), **native_conv_attrs(stride, pads))
     _, input_vjp = jax.vjp(lambda x: _im2col_conv(x, kernel, stride, pads), x)
     return input_vjp(g)[0], grad_kernel
 

@@ -25,6 +25,7 @@ using manifold::KeepInside;
 using manifold::kLanes;
 using manifold::Load;
 using manifold::ParallelFor;
+using manifold::SumInOrder;
 using manifold::Store;
 using manifold::Vec;
 
@@ -53,11 +54,7 @@ std::vector<double> ReduceRows(ffi::ThreadPool& pool, int64_t pixels, int64_t ch
       for (int64_t e = 0; e < width; ++e) sums[e] += block[e];
     }
   });
-  std::vector<double> totals(width, 0.0);
-  for (int64_t t = 0; t < chunks; ++t) {
-    for (int64_t e = 0; e < width; ++e) totals[e] += partial[t * width + e];
-  }
-  return totals;
+  return SumInOrder(partial, chunks, width);
 }
 
 // Pixels and channels of x [..., C]; false for a scalar or zero channels.

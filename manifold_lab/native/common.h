@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -51,6 +52,24 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   work();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->finished.wait(lock, [&] { return state->done.load() == state->tasks; });
+}
+
+// Rows per task: enough work per task to amortise scheduling, enough tasks to balance.
+inline int64_t RowsPerTask(int64_t rows, int64_t row_elems) {
+  const int64_t target = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_elems));
+  return std::max<int64_t>(1, std::min<int64_t>(target, rows / 16));
+}
+
+// The element-wise sum of `chunks` partial arrays of `width` values each (chunk t at
+// partial[t * width]), added in chunk order in float64: a result independent of which thread
+// filled which chunk.
+template <typename T>
+std::vector<double> SumInOrder(const std::vector<T>& partial, int64_t chunks, int64_t width) {
+  std::vector<double> total(width, 0.0);
+  for (int64_t t = 0; t < chunks; ++t) {
+    for (int64_t e = 0; e < width; ++e) total[e] += partial[t * width + e];
+  }
+  return total;
 }
 
 // The FFI binding of a strided convolution call: two float32 inputs, one float32 result and

@@ -26,6 +26,8 @@ namespace {
 using manifold::kLanes;
 using manifold::Load;
 using manifold::ParallelFor;
+using manifold::RowsPerTask;
+using manifold::SumInOrder;
 using manifold::Store;
 using manifold::Vec;
 
@@ -120,7 +122,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
   const ConvGeometry g{xd[0], xd[1], xd[2], xd[3], wd[0], yd[1], yd[2], wd[3], stride, pad_top, pad_left};
   const int64_t rows = g.n * g.oh;
-  const int64_t per = std::max<int64_t>(1, std::min<int64_t>((1 << 15) / std::max<int64_t>(1, g.ow * g.cout), rows / 16));
+  const int64_t per = RowsPerTask(rows, g.ow * g.cout);
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
   ParallelFor(pool, (rows + per - 1) / per, [&](int64_t t) {
@@ -214,10 +216,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       WgradRow(g, xp, gp, row / g.oh, row % g.oh, partial.data() + t * elems);
     }
   });
-  std::vector<double> total(elems, 0.0);
-  for (int64_t t = 0; t < chunks; ++t) {
-    for (int64_t e = 0; e < elems; ++e) total[e] += partial[t * elems + e];
-  }
+  const std::vector<double> total = SumInOrder(partial, chunks, elems);
   for (int64_t e = 0; e < elems; ++e) dw->typed_data()[e] = static_cast<float>(total[e]);
   return ffi::Error::Success();
 }

@@ -38,6 +38,8 @@ using manifold::KeepInside;
 using manifold::kLanes;
 using manifold::Load;
 using manifold::ParallelFor;
+using manifold::RowsPerTask;
+using manifold::SumInOrder;
 using manifold::Store;
 using manifold::StoreStream;
 using manifold::StreamFence;
@@ -514,12 +516,6 @@ ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// Output rows per task: enough work per task to amortise scheduling, enough tasks to balance.
-int64_t RowsPerTask(int64_t rows, int64_t row_elems) {
-  const int64_t target = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_elems));
-  return std::max<int64_t>(1, std::min<int64_t>(target, rows / 16));
-}
-
 void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* taps,
                 float* y, const Affine* in, const Affine* out) {
   const int64_t rows = g.n * g.oh;
@@ -610,10 +606,7 @@ void RunBackward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const
     }
     if (stream) StreamFence();
   });
-  std::vector<double> total(per_chunk, 0.0);
-  for (int64_t t = 0; t < chunks; ++t) {
-    for (int64_t e = 0; e < per_chunk; ++e) total[e] += partial[t * per_chunk + e];
-  }
+  const std::vector<double> total = SumInOrder(partial, chunks, per_chunk);
   for (int64_t e = 0; e < tap_elems; ++e) dtaps[e] = static_cast<float>(total[e]);
   if (in) {
     for (int64_t e = 0; e < 2 * g.c; ++e) sums[e] = static_cast<float>(total[tap_elems + e]);
