@@ -50,26 +50,84 @@ def constant_model(model_cfg: Any) -> nnx.Module:
     return nnx.merge(graphdef, zeros(params), zeros(batch_stats))
 
 
+#: Bootstrap resamples of the images behind every Fig. 7 interval, and their generator's seed.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerActivity:
-    """Positive-channel statistics of one expansion output."""
+    """Positive channels of one expansion output at every pixel of every image: ``counts`` is
+    ``[images, pixels]``. Statistics are over all pixels of all images, as fractions of the
+    expanded width; intervals come from resampling images (pixels of one image are not
+    independent)."""
 
     block: int
     name: str
     channels: int  # expanded width
     threshold: int  # block input width (invertibility threshold)
-    min: int
-    mean: float
-    max: int
+    counts: np.ndarray
 
     @property
-    def fractions(self) -> tuple[float, float, float]:
-        """(min, mean, max) as fractions of the expanded width."""
-        return self.min / self.channels, self.mean / self.channels, self.max / self.channels
+    def fraction(self) -> np.ndarray:
+        """Fraction of positive channels per pixel, ``[images, pixels]``."""
+        return self.counts / self.channels
+
+    @property
+    def min(self) -> int:
+        return int(self.counts.min())
+
+    @property
+    def max(self) -> int:
+        return int(self.counts.max())
+
+    @property
+    def mean(self) -> float:
+        return float(self.fraction.mean())
+
+    @property
+    def std(self) -> float:
+        """Standard deviation across pixels (and images) of the positive fraction."""
+        return float(self.fraction.std())
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        q25, q75 = np.percentile(self.fraction, [25, 75])
+        return float(q25), float(q75)
 
     @property
     def threshold_fraction(self) -> float:
         return self.threshold / self.channels
+
+    @property
+    def below_threshold(self) -> float:
+        """Share of pixels with fewer positive channels than the block's input width."""
+        return float(np.mean(self.counts < self.threshold))
+
+    def bootstrap_moments(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of the positive fraction for each row of image ``weights`` ``[B, images]``
+        (how often each image is drawn in a resample)."""
+        f = self.fraction
+        pixels = f.shape[1]
+        s1, s2 = f.sum(axis=1), np.square(f).sum(axis=1)
+        n = weights.sum(axis=1) * pixels
+        mean = weights @ s1 / n
+        return mean, np.sqrt(np.maximum(weights @ s2 / n - mean * mean, 0.0))
+
+
+def bootstrap_weights(images: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """``[resamples, images]`` multiplicities of a fixed-seed bootstrap of the images (the same
+    resamples serve every layer and every network, so ratios are paired)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, images, (resamples, images))
+    return np.stack([np.bincount(d, minlength=images) for d in draws]).astype(np.float64)
+
+
+def interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap ``samples``."""
+    lo, hi = np.percentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return float(lo), float(hi)
 
 
 def expanded_layers(model_cfg: Any) -> list[tuple[int, str, int, int]]:
@@ -78,16 +136,22 @@ def expanded_layers(model_cfg: Any) -> list[tuple[int, str, int, int]]:
             for b in model_cfg.blocks() if b.has_expansion]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _positive_counts(graphdef: Any, names: tuple[str, ...], state: Any, x: jax.Array) -> dict[str, jax.Array]:
-    """Per pixel and image, the number of positive channels of each named intermediate."""
-    _, acts = nnx.merge(graphdef, state)(x, train=False, capture=True)
-    return {n: jnp.sum(acts[n] > 0, axis=-1, dtype=jnp.int32) for n in names}
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _positive_counts(graphdef: Any, names: tuple[str, ...], train: bool, state: Any,
+                     x: jax.Array) -> dict[str, jax.Array]:
+    """Per pixel and image, the number of positive channels of each named intermediate; with
+    ``train`` the network normalises with the batch's statistics (as at a training step)."""
+    model = nnx.merge(graphdef, state, copy=True)
+    _, acts = model(x, train=train, dropout_key=jax.random.key(0) if train else None, capture=True)
+    return {n: jnp.sum(acts[n] > 0, axis=-1, dtype=jnp.int32).reshape(x.shape[0], -1) for n in names}
 
 
-def positive_channel_stats(model: nnx.Module, model_cfg: Any, images: np.ndarray,
-                           batch_size: int = 64) -> list[LayerActivity]:
-    """Statistics over all pixels of ``images`` (normalised float NHWC) for every expanded layer.
+def positive_channel_stats(model: nnx.Module, model_cfg: Any, images: np.ndarray, batch_size: int = 64,
+                           batch_statistics: bool = False) -> list[LayerActivity]:
+    """Positive channels at every pixel of ``images`` (normalised float NHWC) for every expanded
+    layer. ``batch_statistics``: BatchNorm normalises each batch with its own statistics (how the
+    network runs at a training step: the only meaningful choice at step 0, where the running
+    averages are still 0 / 1); otherwise with the model's running averages (inference).
 
     Images are processed in equal batches of ``min(batch_size, len(images))`` (a remainder is
     dropped, so shapes stay static); models of one architecture share one compiled function."""
@@ -100,14 +164,11 @@ def positive_channel_stats(model: nnx.Module, model_cfg: Any, images: np.ndarray
         raise ValueError("positive_channel_stats needs at least one image")
     per_layer: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, usable, batch):
-        out = _positive_counts(graphdef, names, state, jnp.asarray(images[start:start + batch]))
+        out = _positive_counts(graphdef, names, batch_statistics, state, jnp.asarray(images[start:start + batch]))
         for n in names:
             per_layer[n].append(np.asarray(out[n]))
-    stats = []
-    for index, name, channels, threshold in layers:
-        c = np.concatenate([a.ravel() for a in per_layer[name]])
-        stats.append(LayerActivity(index, name, channels, threshold, int(c.min()), float(c.mean()), int(c.max())))
-    return stats
+    return [LayerActivity(index, name, channels, threshold, np.concatenate(per_layer[name]))
+            for index, name, channels, threshold in layers]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -33,7 +33,7 @@ from ablations import report, stats  # noqa: E402
 from ablations.plan import preset_dir  # noqa: E402
 from ablations.results import VariantResults, load_study  # noqa: E402
 from ablations.run import check_readable_dir, resolve_preset  # noqa: E402
-from ablations.studies import PAPER_WIDTH_CHECKPOINTS, PRESETS, STUDIES, Preset, Study  # noqa: E402
+from ablations.studies import ALL_STUDIES, PAPER_WIDTH_CHECKPOINTS, PRESETS, STUDIES, Preset, Study  # noqa: E402
 
 PAPER_TABLE4 = (  # (network, top-1, params M, MAdds M, Pixel 1 latency ms) as printed in Table 4
     ("MobileNetV1", 70.6, 4.2, 575, 113),
@@ -261,26 +261,51 @@ def width_section(ctx: Context, rows: Sequence[WidthRow]) -> report.Section:
 # --------------------------------------------------------------------------------------------- Fig. 7
 
 
-def plot_fig7(init: Sequence[Any], trained: Sequence[Any]) -> Any:
-    """Appendix A Fig. 7: (a) step 0 and (b) trained; absolute and relative positive channels."""
-    fig, axes = plt.subplots(2, 2, figsize=(10.0, 7.0), sharex=True)
+def _plot_distribution(ax: Any, acts: Sequence[Any], title: str) -> None:
+    """Mean, ±1 sd band, interquartile band, min/max and threshold per layer (fractions)."""
+    layers = np.arange(1, len(acts) + 1)
+    mean = np.array([a.mean for a in acts])
+    sd = np.array([a.std for a in acts])
+    q = np.array([a.quartiles for a in acts])
+    ax.fill_between(layers, mean - sd, mean + sd, color="tab:blue", alpha=0.15, lw=0, label="mean ± sd")
+    ax.fill_between(layers, q[:, 0], q[:, 1], color="tab:blue", alpha=0.3, lw=0, label="interquartile range")
+    ax.plot(layers, mean, "o-", color="tab:blue", ms=4, label="average")
+    for key, style in (("min", "v:"), ("max", "^:")):
+        ax.plot(layers, [getattr(a, key) / a.channels for a in acts], style, color="gray", ms=3, lw=0.8,
+                label={"min": "minimum", "max": "maximum"}[key])
+    ax.plot(layers, [a.threshold_fraction for a in acts], "k--", lw=1.2, label="threshold (1/6)")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of positive channels")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+
+
+def plot_fig7(init: Sequence[Any], trained: Sequence[Any], init_running: Sequence[Any]) -> Any:
+    """Appendix A Fig. 7: (a) step 0 (batch statistics) and (b) trained, as distributions over
+    pixels; (c) the standard deviation per layer; (d) the share of pixels below the threshold."""
+    fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.5), sharex=True)
     layers = np.arange(1, len(init) + 1)
-    for row, (title, acts) in enumerate((("(a) At step 0", init), ("(b) Fully trained", trained))):
-        for col, relative in enumerate((False, True)):
-            ax = axes[row, col]
-            scale = np.array([a.channels for a in acts], np.float64) if relative else 1.0
-            for key, style in (("min", "v-"), ("mean", "o-"), ("max", "^-")):
-                ax.plot(layers, np.array([getattr(a, key) for a in acts]) / scale, style, ms=4,
-                        label={"min": "minimum", "mean": "average", "max": "maximum"}[key])
-            ax.plot(layers, np.array([a.threshold for a in acts]) / scale, "k--", lw=1.2, label="threshold")
-            ax.set_ylabel("fraction of positive channels" if relative else "positive channels")
-            ax.set_title(f"{title}: {'relative' if relative else 'absolute'}", fontsize=10)
-            ax.grid(True, alpha=0.3)
-            if relative:
-                ax.set_ylim(0, 1.05)
+    _plot_distribution(axes[0, 0], init, "(a) At step 0 (batch statistics)")
+    _plot_distribution(axes[0, 1], trained, "(b) Fully trained")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    ax = axes[1, 0]
+    for acts, label, style in ((init, "step 0, batch statistics", "o-"),
+                               (init_running, "step 0, running statistics (0 / 1)", "s--"),
+                               (trained, "trained", "^-")):
+        ax.plot(layers, [a.std for a in acts], style, ms=4, label=label)
+    ax.set_ylabel("sd across pixels of the fraction")
+    ax.set_title("(c) Spread: standard deviation per layer", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    for acts, label, style in ((init, "step 0, batch statistics", "o-"), (trained, "trained", "^-")):
+        ax.plot(layers, [100 * a.below_threshold for a in acts], style, ms=4, label=label)
+    ax.set_ylabel("% of pixels below the threshold")
+    ax.set_title("(d) Pixels where Lemma 2's count condition fails", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
     for ax in axes[1]:
         ax.set_xlabel("expanded layer (t = 6 bottleneck)")
-    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -302,9 +327,10 @@ def fig7_section(ctx: Context) -> report.Section:
     trained_model = restore_model(run.run_dir)
     init_model = initial_model(run.run_dir)
     trained = positive_channel_stats(trained_model, trained_model.config, images)
-    init = positive_channel_stats(init_model, init_model.config, images)
-    figure = ctx.save(plot_fig7(init, trained), "fig7.png")
-    return report.fig7_section(study, trained, init, figure)
+    init = positive_channel_stats(init_model, init_model.config, images, batch_statistics=True)
+    init_running = positive_channel_stats(init_model, init_model.config, images)
+    figure = ctx.save(plot_fig7(init, trained, init_running), "fig7.png")
+    return report.fig7_section(study, trained, init, figure, init_running=init_running)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -369,6 +395,16 @@ def tables_section(rows: Sequence[WidthRow]) -> report.Section:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def replicate_section(ctx: Context, results: Path, note: str) -> report.Section:
+    """The Fig. 6 comparisons of a second results folder of the same preset beside this one's."""
+    check_readable_dir(results, "--replicate results folder")
+    root = preset_dir(results, ctx.preset)
+    check_readable_dir(root, "--replicate results folder")
+    studies = [(STUDIES[name], ctx.study(name), load_study(root, STUDIES[name], ctx.preset, ctx.data_dir))
+               for name in ("fig6a", "fig6b")]
+    return report.replicate_section(studies, note)
+
+
 def pick_preset(results: Path, name: str | None) -> Preset:
     """``--preset``, or the only preset with a folder under ``results``."""
     if name is not None:
@@ -385,6 +421,8 @@ def pick_preset(results: Path, name: str | None) -> Preset:
 def build_all(ctx: Context) -> list[report.Section]:
     """Every figure and section, in report order."""
     sections = [spiral_section(ctx), curve_section(ctx, "fig6a"), curve_section(ctx, "fig6b")]
+    extra = [name for name in STUDIES if name not in ALL_STUDIES and any(vr.runs for vr in ctx.study(name))]
+    sections += [curve_section(ctx, name) for name in extra]  # studies beyond the paper, where run
     rows = width_rows(ctx)
     sections.append(width_section(ctx, rows))
     sections.append(fig7_section(ctx))
@@ -405,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default=None,
                         help=f"one of {', '.join(PRESETS)} (default: the only one present in --results)")
     parser.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one")
+    parser.add_argument("--replicate", default=None, metavar="RESULTS",
+                        help="results folder of a second run of the same preset (for example with another "
+                             "float rounding): its Fig. 6 verdicts are listed beside these")
+    parser.add_argument("--replicate-note", default="a second run of the same preset",
+                        help="how the --replicate run differs, for the report")
     args = parser.parse_args(argv)
 
     results = Path(args.results)
@@ -416,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_readable_dir(root, "results folder")
     ctx = Context(root, writable_dir(args.out), preset, args.data_dir)
     sections = build_all(ctx)
+    if args.replicate is not None:
+        sections.append(replicate_section(ctx, Path(args.replicate), args.replicate_note))
     path = ctx.out / "REPORT.md"
     atomic_write_text(path, report.render_report(preset.name, preset.doc, preset.train, sections))
     ctx.written.append(path)

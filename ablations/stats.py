@@ -1,10 +1,30 @@
-"""Small, dependency-free statistics for the ablation report.
+"""Statistics for the ablation report, on SciPy.
 
-Everything the report states about uncertainty comes from here: Student-t confidence intervals of a
-mean over seeds, Welch's interval for the difference of two means (unequal variances,
-Welch-Satterthwaite degrees of freedom), and the verdict rule that turns an interval into words.
-The Student-t quantile is computed from the regularised incomplete beta function (Lentz's continued
-fraction) and bisection, so no SciPy is needed at run time.
+Design. Runs of different variants of a study with the same seed start from bit-identical
+parameters and see the training data in the same order (the trainer derives both from the seed
+alone), so the final accuracies are *paired* by seed. The primary analysis is therefore the paired
+t test on the per-seed differences ``variant - reference`` (:func:`paired`): the seed-to-seed
+variation shared by both variants cancels out of the differences, which is what makes a few seeds
+informative. Welch's unpaired interval (:func:`welch`) stays available as a secondary column.
+
+Multiple comparisons. A figure (one study) makes several comparisons at once; their family-wise
+error rate is controlled by Holm's step-down procedure (:func:`holm`, :func:`holm_levels`,
+:func:`holm_paired`). Each comparison is reported with its Holm-adjusted p value and a confidence
+interval at the level of the Holm step that decides it: sort the m p values ascending; the
+comparison ranked i (1-based) gets confidence ``1 - alpha / (m - i + 1)`` if every comparison
+ranked before it was rejected, and otherwise the level of the step where the procedure stopped,
+``1 - alpha / (m - k + 1)`` for the first non-rejected rank k (a wider interval, since it is
+a higher confidence). With this choice an interval excludes 0 exactly when the Holm-adjusted p value is
+below alpha, so the interval, the adjusted p value and the verdict never disagree. With a single
+comparison this is the plain ``1 - alpha`` interval.
+
+Power. :func:`detectable_effect` gives the smallest true mean difference that the paired test
+detects with the requested power (80% by default) at the observed spread of the differences and
+the number of pairs: the noncentral t power equation solved for the effect by root finding. It
+says what a given number of seeds can resolve, which is what "not resolved at this scale" means.
+
+Verdicts (:func:`verdict`): the (corrected) interval excludes 0 with the paper's sign ->
+reproduced; with the opposite sign -> contradicted; otherwise -> not resolved at this scale.
 """
 
 from __future__ import annotations
@@ -14,83 +34,19 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import optimize
+from scipy import stats as sps
 
 REPRODUCED = "reproduced"
 CONTRADICTED = "contradicted"
 NOT_RESOLVED = "not resolved at this scale"
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float, y: float | None = None) -> float:
-    """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1.
-
-    ``y`` may pass ``1 - x`` computed without cancellation (x close to 1)."""
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must be in [0, 1], got {x}")
-    y = 1.0 - x if y is None else y
-    if x == 0.0 or y == 0.0:
-        return 0.0 if x == 0.0 else 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, y) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Cumulative distribution function of Student's t with ``df`` (> 0, may be fractional) degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
-    denom = df + t * t
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / denom, t * t / denom)
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_ppf(p: float, df: float) -> float:
-    """Quantile of Student's t: the t with ``t_cdf(t, df) == p`` (bisection to machine precision)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    if p == 0.5:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+def _t_quantile(confidence: float, df: float) -> float:
+    """Two-sided Student-t critical value: ``P(|T| <= q) == confidence`` for ``df`` degrees of freedom."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return float(sps.t.ppf(0.5 + confidence / 2.0, df))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +76,31 @@ class Difference:
     n_baseline: int
 
 
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+    """Paired t analysis of the per-seed differences ``variant - reference``.
+
+    ``diff`` is their mean, ``sd`` their sample sd, ``n`` the number of pairs; ``lo``/``hi`` the
+    two-sided interval at ``confidence``; ``t`` and ``p`` the t statistic and the two-sided p value
+    of "mean difference = 0". Bounds, ``sd``, ``t`` and ``p`` are ``None`` with fewer than two
+    pairs. ``p_adjusted`` is the Holm-adjusted p value when the difference was analysed as part of a
+    family (:func:`holm_paired`), else ``None``."""
+
+    diff: float
+    lo: float | None
+    hi: float | None
+    sd: float | None
+    n: int
+    t: float | None
+    p: float | None
+    confidence: float
+    p_adjusted: float | None = None
+
+    @property
+    def df(self) -> int | None:
+        return self.n - 1 if self.n >= 2 else None
+
+
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     """Mean and Student-t confidence interval of the mean of ``values`` (sample sd, n - 1 dof)."""
     x = np.asarray(values, dtype=np.float64)
@@ -129,7 +110,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     if x.size < 2:
         return Estimate(mean, None, None, int(x.size), None)
     sd = float(x.std(ddof=1))
-    half = t_ppf(0.5 + confidence / 2.0, x.size - 1) * sd / math.sqrt(x.size)
+    half = _t_quantile(confidence, x.size - 1) * sd / math.sqrt(x.size)
     return Estimate(mean, mean - half, mean + half, int(x.size), sd)
 
 
@@ -142,12 +123,13 @@ def band(curves: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.n
     mean = c.mean(axis=0)
     if c.shape[0] < 2:
         return mean, mean.copy(), mean.copy()
-    half = t_ppf(0.5 + confidence / 2.0, c.shape[0] - 1) * c.std(axis=0, ddof=1) / math.sqrt(c.shape[0])
+    half = _t_quantile(confidence, c.shape[0] - 1) * c.std(axis=0, ddof=1) / math.sqrt(c.shape[0])
     return mean, mean - half, mean + half
 
 
 def welch(variant: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> Difference:
-    """Welch's t interval for ``mean(variant) - mean(baseline)``.
+    """Welch's t interval for ``mean(variant) - mean(baseline)`` (unpaired, unequal variances,
+    Welch-Satterthwaite degrees of freedom).
 
     Needs at least two values on each side; otherwise the bounds are ``None``. When both samples have
     zero variance the interval degenerates to the point difference."""
@@ -163,11 +145,126 @@ def welch(variant: Sequence[float], baseline: Sequence[float], confidence: float
     if se2 == 0.0:
         return Difference(diff, diff, diff, math.inf, int(a.size), int(b.size))
     df = se2 * se2 / (va * va / (a.size - 1) + vb * vb / (b.size - 1))
-    half = t_ppf(0.5 + confidence / 2.0, df) * math.sqrt(se2)
+    half = _t_quantile(confidence, df) * math.sqrt(se2)
     return Difference(diff, diff - half, diff + half, df, int(a.size), int(b.size))
 
 
-def verdict(difference: Difference, paper_diff: float) -> str:
+def paired(variant: Sequence[float], reference: Sequence[float], confidence: float = 0.95) -> PairedDifference:
+    """Paired t test and interval for the mean of ``variant[i] - reference[i]`` (same seed order).
+
+    Raises ``ValueError`` on unequal or zero lengths. With zero variance of the differences the
+    interval degenerates to the mean difference, the t statistic is infinite (0 when the mean is 0)
+    and p is 0 when the mean differs from 0, else 1."""
+    a = np.asarray(variant, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired needs two 1-D sequences of equal length, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("paired needs at least one pair")
+    d = a - b
+    n, mean = int(d.size), float(d.mean())
+    if n < 2:
+        return PairedDifference(mean, None, None, None, n, None, None, confidence)
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
+        t = math.copysign(math.inf, mean) if mean != 0.0 else 0.0
+        return PairedDifference(mean, mean, mean, 0.0, n, t, 0.0 if mean != 0.0 else 1.0, confidence)
+    se = sd / math.sqrt(n)
+    t = mean / se
+    p = float(2.0 * sps.t.sf(abs(t), n - 1))
+    half = _t_quantile(confidence, n - 1) * se
+    return PairedDifference(mean, mean - half, mean + half, sd, n, t, p, confidence)
+
+
+def _ranked(p_values: Sequence[float | None]) -> list[int]:
+    """Indices of the non-``None`` p values in ascending order of p (stable for ties)."""
+    return sorted((i for i, p in enumerate(p_values) if p is not None), key=lambda i: p_values[i])
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p values, in the input order.
+
+    The k-th smallest of the m p values (``None`` entries excluded from m and passed through) is
+    adjusted to ``max_{j <= k} min(1, (m - j + 1) p_(j))``: monotone in p and capped at 1. A
+    comparison is rejected at family-wise level alpha when its adjusted p value is below alpha."""
+    order = _ranked(p_values)
+    m = len(order)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
+
+
+def holm_levels(p_values: Sequence[float | None], alpha: float = 0.05) -> list[float | None]:
+    """Confidence level of each comparison's Holm-step interval (see the module docstring).
+
+    The comparison ranked i (0-based, ascending p) among m gets ``1 - alpha / (m - min(i, k))``,
+    k being the first rank the step-down procedure does not reject (m when it rejects all), so the
+    interval excludes 0 exactly when the Holm-adjusted p value is below alpha. ``None`` p values
+    (no test possible) get ``None``."""
+    order = _ranked(p_values)
+    m = len(order)
+    stop = next((rank for rank, i in enumerate(order) if float(p_values[i]) >= alpha / (m - rank)), m)
+    out: list[float | None] = [None] * len(p_values)
+    for rank, i in enumerate(order):
+        out[i] = 1.0 - alpha / (m - min(rank, stop))
+    return out
+
+
+def holm_paired(pairs: Sequence[tuple[Sequence[float], Sequence[float]]],
+                alpha: float = 0.05) -> list[PairedDifference]:
+    """:func:`paired` for a family of (variant, reference) samples, Holm-corrected together.
+
+    Each result carries its raw two-sided ``p``, its Holm-adjusted ``p_adjusted`` and its interval
+    at the Holm-step level of :func:`holm_levels` (``confidence``). Comparisons with fewer than two
+    pairs stay uncorrected and without interval; they do not count in the family size."""
+    raw = [paired(v, r, 1.0 - alpha) for v, r in pairs]
+    adjusted = holm([d.p for d in raw])
+    levels = holm_levels([d.p for d in raw], alpha)
+    out = []
+    for (v, r), d, p_adj, level in zip(pairs, raw, adjusted, levels):
+        corrected = d if level is None else paired(v, r, level)
+        out.append(dataclasses.replace(corrected, p_adjusted=p_adj))
+    return out
+
+
+def _paired_power(effect: float, n: int, alpha: float) -> float:
+    """Power of the two-sided paired t test at level ``alpha`` with ``n`` pairs against a true mean
+    difference of ``effect`` standard deviations of the differences (noncentral t)."""
+    df = n - 1
+    crit = float(sps.t.ppf(1.0 - alpha / 2.0, df))
+    nc = effect * math.sqrt(n)
+    upper = float(sps.nct.sf(crit, df, nc))
+    if not math.isfinite(upper):
+        upper = 1.0 - float(sps.nct.cdf(crit, df, nc))
+    # The wrong-sign tail is at most alpha / 2 and vanishes as nc grows, where SciPy's series can
+    # return NaN for it: count it as 0 there.
+    lower = float(sps.nct.cdf(-crit, df, nc))
+    return upper + (lower if math.isfinite(lower) else 0.0)
+
+
+def detectable_effect(sd_diff: float | None, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Smallest true mean difference that a two-sided paired t test at level ``alpha`` with ``n``
+    pairs detects with probability ``power``, when the differences have sd ``sd_diff``.
+
+    Solves the noncentral t power equation for the effect with Brent's method. ``None`` when
+    ``n < 2`` or ``sd_diff`` is ``None``; 0 when ``sd_diff`` is 0 (any difference is detected)."""
+    if sd_diff is None or n < 2:
+        return None
+    if not 0.0 < alpha < power < 1.0:
+        raise ValueError(f"need 0 < alpha < power < 1, got alpha={alpha}, power={power}")
+    if sd_diff == 0.0:
+        return 0.0
+    hi = (float(sps.norm.ppf(1.0 - alpha / 2.0)) + float(sps.norm.ppf(power))) / math.sqrt(n)
+    while _paired_power(hi, n, alpha) < power:
+        hi *= 2.0
+    effect = optimize.brentq(lambda e: _paired_power(e, n, alpha) - power, 0.0, hi, xtol=1e-12, rtol=1e-12)
+    return float(effect) * abs(float(sd_diff))
+
+
+def verdict(difference: Difference | PairedDifference, paper_diff: float) -> str:
     """Plain verdict: the interval excludes 0 with the paper's sign -> reproduced; with the
     opposite sign -> contradicted; otherwise (or without an interval) not resolved."""
     if difference.lo is None or difference.hi is None or paper_diff == 0:

@@ -1,7 +1,7 @@
 """Benchmark: MobileNetV2 training and inference images/s of one jitted step, ours vs Keras 3 (JAX
 backend) and PyTorch 2 (CPU), in one run.
 
-Cases (issue 4, "Speed"):
+Cases:
 
 - ``a``: 32 px, 10 classes, width 1.0, ``imagenet`` preset (Table 2 strides), batch 128;
 - ``b``: the same at width 0.5;

@@ -159,7 +159,8 @@ def dense_layer(name: str, features: int, num_classes: int) -> LayerCost:
 def mobilenet_v2_layers(config: MobileNetV2Config, resolution: int) -> tuple[LayerCost, ...]:
     """Counted layers of MobileNetV2: stem, every bottleneck's convolutions, head conv, classifier.
 
-    The ``residual`` and ``bottleneck_activation`` switches add no counted layer: shortcuts are
+    The ``residual`` placements (all of ``RESIDUAL_PLACEMENTS``: each only moves identity adds) and
+    the ``bottleneck_activation`` switch add no counted layer and no parameter: shortcuts are
     additions and activations are not multiply-adds, so all variants count the same.
     """
     pad = config.padding

@@ -11,13 +11,17 @@ import dataclasses
 from typing import Literal
 
 BottleneckActivation = Literal["linear", "relu6", "relu"]
-ResidualPlacement = Literal["bottleneck", "expansion", "none"]
+ResidualPlacement = Literal["bottleneck", "expansion", "expansion_preact", "inner", "none"]
 DepthwiseImpl = Literal["auto", "xla", "shift", "native"]
 Padding = Literal["same", "symmetric"]
 Preset = Literal["imagenet", "small", "stem1", "bneck1"]
 
 BOTTLENECK_ACTIVATIONS: tuple[str, ...] = ("linear", "relu6", "relu")
-RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "none")
+#: Shortcut placements (``residual``), defined in :mod:`manifold_lab.models.mobilenet_v2`.
+RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "expansion_preact", "inner", "none")
+#: Placements whose shortcuts join the expansions of consecutive blocks
+#: (:meth:`MobileNetV2Config.expansion_shortcuts`).
+EXPANSION_STREAMS: tuple[str, ...] = ("expansion", "expansion_preact")
 DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift", "native")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
 #: Stride layouts, as (stem stride, stride of the first stride-2 stage): ``imagenet`` (Table 2),
@@ -154,8 +158,8 @@ class MobileNetV2Config:
 
     def expansion_shortcuts(self) -> tuple[int, ...]:
         """Indices i of blocks whose expanded tensor receives a shortcut from block i-1's
-        expanded tensor (``residual='expansion'``): both are depthwise inputs of equal shape,
-        i.e. block i-1 has stride 1 and both expanded widths are equal."""
+        expanded tensor (``residual`` in :data:`EXPANSION_STREAMS`): both are depthwise inputs of
+        equal shape, i.e. block i-1 has stride 1 and both expanded widths are equal."""
         blocks = self.blocks()
         return tuple(
             cur.index
@@ -163,6 +167,12 @@ class MobileNetV2Config:
             if prev.stride == 1 and prev.expanded_channels == cur.expanded_channels
             and prev.has_expansion and cur.has_expansion
         )
+
+    def inner_shortcuts(self) -> tuple[int, ...]:
+        """Indices of blocks with a shortcut from the expansion output to the depthwise output
+        (``residual='inner'``): stride 1 and an expansion conv, so that the depthwise output has
+        the shape of its input (the depthwise keeps the channels, stride 1 the spatial size)."""
+        return tuple(b.index for b in self.blocks() if b.stride == 1 and b.has_expansion)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,12 +77,12 @@ def _bn_affine(bn) -> tuple[Array, Array]:
 def split_block(block: InvertedResidual) -> SplitBlock:
     """The eval-mode weights of one of our model's bottleneck blocks, ready for :func:`split_apply`.
 
-    Blocks that receive a shortcut between expanded tensors (``residual="expansion"``) are
-    refused: their expanded tensor must be materialised for the next block, so Section 5 does not
-    apply to them."""
-    if block.expansion_shortcut:
-        raise ValueError("the Section 5 split needs the expanded tensor to stay inside the block; "
-                         "this block takes an expansion shortcut")
+    Blocks that receive a shortcut between expanded tensors (``residual="expansion"`` or
+    ``"expansion_preact"``) or hold one around their depthwise layer (``"inner"``) are refused: the
+    split computes the plain Table 1 block only."""
+    if block.expansion_shortcut or block.inner_shortcut:
+        raise ValueError("the Section 5 split computes the plain Table 1 block; this block takes a "
+                         "shortcut between or inside its expanded layers")
     if block.expansion is not None:
         expand_kernel = block.expansion.kernel[...][0, 0]
         expand_scale, expand_offset = _bn_affine(block.expansion.bn)

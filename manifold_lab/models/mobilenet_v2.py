@@ -10,9 +10,11 @@ runs only the stem at stride 1 and ``bneck1`` only that stage (28 px ends at 2x2
 
 Block i (input x_i, spec ``config.blocks()[i]``), Table 1::
 
-    a_i     = ReLU6(BN(x_i @ W_expand))          # absent when t = 1: a_i = x_i
+    z_i     = BN(x_i @ W_expand)                 # the expansion's pre-activation
+              (+ z_{i-1}  under residual="expansion_preact", see below)
+    a_i     = ReLU6(z_i)                         # absent when t = 1: a_i = x_i
     e_i     = a_i  (+ e_{i-1}  under residual="expansion", see below)
-    d_i     = ReLU6(BN(depthwise3x3_stride_s(e_i)))
+    d_i     = ReLU6(BN(depthwise3x3_stride_s(e_i)))  (+ e_i  under residual="inner", see below)
     p_i     = act(BN(d_i @ W_project))           # act = config.bottleneck_activation
     x_{i+1} = p_i  (+ x_i  under residual="bottleneck" where spec.bottleneck_shortcut)
 
@@ -20,7 +22,9 @@ Block i (input x_i, spec ``config.blocks()[i]``), Table 1::
 applied after the projection's BatchNorm and before the residual add (TF-Slim's
 ``project_activation_fn``, Fig. 6a).
 
-``residual`` (Fig. 6b):
+``residual`` (Fig. 6b; ``expansion_preact`` and ``inner`` are further readings of the paper's
+"shortcuts connecting the expanded layers", about which the paper says nothing more). Every
+placement has the same layers, parameters and multiply-adds (an add is not a multiply-add):
 
 - ``bottleneck`` (paper): identity shortcut from the block input to the block output where
   the stride is 1 and the depths match (10 blocks of the 224 px network)::
@@ -44,16 +48,50 @@ applied after the projection's BatchNorm and before the residual add (TF-Slim's
 
   At 224 px and width 1 this gives 10 shortcuts, at blocks 3, 5, 6, 8, 9, 10, 12, 13, 15, 16.
 
+- ``expansion_preact`` (pre-activation stream between expanded layers): the block pairs of
+  ``expansion`` (``config.expansion_shortcuts()``), with the add moved before the expansion's
+  ReLU6. The stream carries the expansion's pre-activation sum z_i (after the expansion's
+  BatchNorm, before its ReLU6): for i in ``config.expansion_shortcuts()``
+  ``z_i = BN(x_i @ W_expand) + z_{i-1}``, for the other blocks with an expansion
+  ``z_i = BN(x_i @ W_expand)``, and every block's depthwise takes ``e_i = ReLU6(z_i)``. Block i
+  passes z_i on, not e_i, so no ReLU6 clips the stream itself: it is an unbounded sum of
+  BatchNorm outputs that each block reads through its own ReLU6 (as in a pre-activation ResNet,
+  He et al. 2016), where under ``expansion`` the stream is a sum of ReLU6 outputs, in [0, 6k]
+  after k terms. No shortcuts between bottlenecks::
+
+      z_{i-1} --> ReLU6 --> dw --> project --> x_i --> expand --> BN --(+)--> z_i --> ReLU6 --> ...
+         |                                                              ^
+         +--------------------------------------------------------------+
+
+- ``inner``: a shortcut inside every block with stride 1 and an expansion conv
+  (``config.inner_shortcuts()``), from the expansion output to the depthwise output, both after
+  their ReLU6: ``d_i = ReLU6(BN(dw(e_i))) + e_i`` (the shapes match: the depthwise keeps the
+  channels and stride 1 the spatial size); the projection reads this d_i. There are no
+  bottleneck shortcuts and no shortcuts between blocks, so, like ``expansion``, it is a pure
+  alternative placement: each shortcut skips the depthwise layer alone, inside the expanded
+  space, and the expansions and projections of all blocks stay on every path through the network
+  (no stream chains from block to block). The stride-2 blocks and the t = 1 block have none::
+
+      x_i --> expand --> e_i --> dw --(+)--> d_i --> project --> x_{i+1}
+                          |          ^
+                          +----------+
+
+  At 224 px and width 1 this gives 12 shortcuts, at blocks 2, 4, 5, 7, 8, 9, 10, 11, 12, 14,
+  15, 16.
+
 - ``none``: no shortcuts at all.
 
 Intermediates (``capture=True``), in forward order:
-``stem`` (after the stem's ReLU6); for every block ``block{i:02d}/expansion`` (e_i: the depthwise
-input, after the expansion's ReLU6 and, under ``residual="expansion"``, after the shortcut add; the
-block input for the t = 1 block), ``block{i:02d}/depthwise`` (d_i), ``block{i:02d}/projection``
-(x_{i+1}: the block output after the bottleneck activation and the shortcut add); ``head`` (after the
-last 1x1 conv's ReLU6), ``pooled`` (float32 global average), ``logits``. (The dict is in this order
-when the model is called directly; a dict returned through ``jax.jit`` and other transformations
-comes back with sorted keys.)
+``stem`` (after the stem's ReLU6); for every block, under ``residual="expansion_preact"`` and where
+the block has an expansion, ``block{i:02d}/preactivation`` (z_i: the stream, after the shortcut
+add); ``block{i:02d}/expansion`` (e_i: the depthwise input, after the expansion's ReLU6 and, under
+``residual="expansion"``, after the shortcut add; ReLU6(z_i) under ``expansion_preact``; the block
+input for the t = 1 block), ``block{i:02d}/depthwise`` (d_i: the projection input, after the
+depthwise's ReLU6 and, under ``residual="inner"``, after the shortcut add),
+``block{i:02d}/projection`` (x_{i+1}: the block output after the bottleneck activation and the
+shortcut add); ``head`` (after the last 1x1 conv's ReLU6), ``pooled`` (float32 global average),
+``logits``. (The dict is in this order when the model is called directly; a dict returned through
+``jax.jit`` and other transformations comes back with sorted keys.)
 """
 
 from __future__ import annotations
@@ -62,9 +100,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from manifold_lab.models.config import BlockSpec, MobileNetV2Config
+from manifold_lab.models.config import EXPANSION_STREAMS, BlockSpec, MobileNetV2Config
 from manifold_lab.models.depthwise import DepthwiseBN
-from manifold_lab.models.layers import Classifier, ConvBN, check_call
+from manifold_lab.models.layers import Classifier, ConvBN, activation, batch_norm_act, check_call
 
 Array = jax.Array
 
@@ -78,8 +116,11 @@ class InvertedResidual(nnx.Module):
                       dtype=jnp.dtype(config.compute_dtype), impl=config.depthwise_impl, rngs=rngs)
         self.index = spec.index
         self.bottleneck_shortcut = config.residual == "bottleneck" and spec.bottleneck_shortcut
-        self.expansion_shortcut = expansion_shortcut
-        self.keep_expanded = config.residual == "expansion"  # e_i feeds the next block's shortcut
+        self.expansion_shortcut = expansion_shortcut  # receives the stream of block i-1
+        self.preactivation_stream = config.residual == "expansion_preact"  # the stream carries z_i
+        self.inner_shortcut = config.residual == "inner" and spec.index in config.inner_shortcuts()
+        # e_i (or z_i) is read by a shortcut, so it is written out: no expansion fused into the depthwise
+        self.keep_expanded = config.residual in EXPANSION_STREAMS or self.inner_shortcut
         self.expansion = (ConvBN(spec.in_channels, spec.expanded_channels, act="relu6", **common)
                           if spec.has_expansion else None)
         self.depthwise = DepthwiseBN(spec.expanded_channels, stride=spec.stride, padding=config.padding,
@@ -94,41 +135,62 @@ class InvertedResidual(nnx.Module):
         return (self.expansion is None and not self.bottleneck_shortcut and not self.expansion_shortcut
                 and not self.keep_expanded and self.depthwise.fuses_input())
 
-    def __call__(self, x: Array, prev_expanded: Array | None, train: bool,
+    def expand(self, x: Array, prev_stream: Array | None, train: bool) -> tuple[Array, Array]:
+        """(e_i, the stream tensor passed on to block i+1) from the block input x_i and block
+        i-1's stream tensor: (e_i, e_i) with e_i = a_i [+ e_{i-1}]; under the pre-activation
+        stream (ReLU6(z_i), z_i) with z_i = BN(x_i @ W_expand) [+ z_{i-1}]; (x_i, x_i) without an
+        expansion (t = 1). The bracketed add where the block receives a shortcut."""
+        if self.expansion is None:
+            return x, x
+        if self.preactivation_stream:
+            z = batch_norm_act(self.expansion.bn, self.expansion.conv(x), train, "linear", self.expansion.impl)
+            if self.expansion_shortcut:
+                z = z + prev_stream
+            return activation(self.expansion.act)(z), z
+        e = self.expansion(x, train)
+        if self.expansion_shortcut:
+            e = e + prev_stream
+        return e, e
+
+    def __call__(self, x: Array, prev_stream: Array | None, train: bool,
                  acts: dict[str, Array] | None = None,
                  input_bn: tuple[nnx.BatchNorm, str] | None = None) -> tuple[Array, Array | None]:
-        """Returns (block output x_{i+1}, expanded tensor e_i). ``prev_expanded`` is e_{i-1}.
+        """Returns (block output x_{i+1}, stream tensor): the stream tensor is e_i, or z_i under
+        ``residual="expansion_preact"``; ``prev_stream`` is block i-1's.
 
         With the native depthwise kernel, the expansion's BatchNorm and ReLU6 run inside that
-        kernel (e_i is then never written out, and None is returned for it) wherever nothing else
-        reads e_i: no capture and no shortcuts between expansions. ``input_bn`` (where
-        :meth:`takes_raw_input`, without capture): ``x`` is the previous convolution's raw output
-        and ``(bn, act)`` its BatchNorm and activation, likewise applied inside the kernel."""
+        kernel (e_i is then never written out, and None is returned for the stream) wherever
+        nothing else reads e_i: no capture and no shortcut that reads e_i or z_i
+        (``keep_expanded``). ``input_bn`` (where :meth:`takes_raw_input`, without capture): ``x`` is
+        the previous convolution's raw output and ``(bn, act)`` its BatchNorm and activation,
+        likewise applied inside the kernel."""
         if input_bn is not None:
             if acts is not None or not self.takes_raw_input():
                 raise ValueError("input_bn needs a block without expansion and shortcuts, the native "
                                  "depthwise form and no capture")
             d = self.depthwise(x, train, input_bn=input_bn)
-            e = None
+            e = stream = None
         elif (acts is None and self.expansion is not None and not self.keep_expanded
                 and self.depthwise.fuses_input()):
             raw = self.expansion.conv(x)
             d = self.depthwise(raw, train, input_bn=(self.expansion.bn, self.expansion.act))
-            e = None
+            e = stream = None
         else:
-            e = self.expansion(x, train) if self.expansion is not None else x
-            if self.expansion_shortcut:
-                e = e + prev_expanded
+            e, stream = self.expand(x, prev_stream, train)
             d = self.depthwise(e, train)
+            if self.inner_shortcut:
+                d = d + e
         y = self.projection(d, train)
         if self.bottleneck_shortcut:
             y = y + x
         if acts is not None:
             name = f"block{self.index:02d}"
+            if self.preactivation_stream and self.expansion is not None:
+                acts[f"{name}/preactivation"] = stream
             acts[f"{name}/expansion"] = e
             acts[f"{name}/depthwise"] = d
             acts[f"{name}/projection"] = y
-        return y, e
+        return y, stream
 
 
 class MobileNetV2(nnx.Module):
@@ -141,7 +203,7 @@ class MobileNetV2(nnx.Module):
                       impl=config.depthwise_impl, rngs=rngs)
         self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,
                            padding=config.padding, act="relu6", **common)
-        shortcuts = set(config.expansion_shortcuts()) if config.residual == "expansion" else set()
+        shortcuts = set(config.expansion_shortcuts()) if config.residual in EXPANSION_STREAMS else set()
         self.blocks = nnx.List([
             InvertedResidual(spec, config, expansion_shortcut=spec.index in shortcuts, rngs=rngs)
             for spec in config.blocks()
@@ -159,17 +221,16 @@ class MobileNetV2(nnx.Module):
         check_call(x, self.config.in_channels, train, self.config.dropout_rate, dropout_key)
         acts: dict[str, Array] | None = {} if capture else None
         x = x.astype(jnp.dtype(self.config.compute_dtype))
-        expanded = None
         if acts is None and self.blocks[0].takes_raw_input():
             # the stem's BatchNorm and ReLU6 run inside the first depthwise kernel
-            h, expanded = self.blocks[0](self.stem.conv(x), None, train, input_bn=(self.stem.bn, self.stem.act))
+            h, stream = self.blocks[0](self.stem.conv(x), None, train, input_bn=(self.stem.bn, self.stem.act))
         else:
             h = self.stem(x, train)
             if acts is not None:
                 acts["stem"] = h
-            h, expanded = self.blocks[0](h, None, train, acts)
+            h, stream = self.blocks[0](h, None, train, acts)
         for block in list(self.blocks)[1:]:
-            h, expanded = block(h, expanded, train, acts)
+            h, stream = block(h, stream, train, acts)
         h = self.head(h, train)
         pooled = self.classifier.pool(h)
         logits = self.classifier(pooled, train, dropout_key).astype(jnp.float32)

@@ -1,4 +1,5 @@
 """``python -m manifold_lab.spiral``: run the spiral experiment and write figures + metrics.
+``--matrix positive-mean`` runs it with the negative control's law of T (see :mod:`.theory`).
 
 Every argument is validated before anything is computed or written; a bad one exits with code 2 and a
 one-line message."""
@@ -34,9 +35,13 @@ def build_parser() -> ArgumentParser:
     from manifold_lab.spiral.experiment import DEFAULT_DIMS
     from manifold_lab.spiral.kernel import ACTIVATIONS
     from manifold_lab.spiral.manifolds import MANIFOLDS
+    from manifold_lab.spiral.theory import MATRIX_LAWS
 
-    p = ArgumentParser(prog=PROG, description="ReLU on low-dimensional manifolds (MobileNetV2 Fig. 1, "
-                       "Appendix A Theorem 1).")
+    p = ArgumentParser(prog=PROG, description=(
+        "ReLU on low-dimensional manifolds (MobileNetV2 Fig. 1, Appendix A Theorem 1). A point counts as "
+        "collapsed when fewer than d units of ReLU(T x) are active: the map loses rank on the point's "
+        "d-dimensional neighbourhood (Theorem 1's quantity; a collapsed point of a 1-D curve may still "
+        "keep its tangent). See --matrix for the negative control."))
     p.add_argument("--dims", type=integer, nargs="+", default=list(DEFAULT_DIMS),
                    help="expansion widths n (default: %(default)s)")
     p.add_argument("--points", type=integer, default=2000, help="points on the manifold (default: %(default)s)")
@@ -46,6 +51,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default="figures", help="output directory (default: %(default)s/)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
     p.add_argument("--manifold", choices=MANIFOLDS, default="spiral")
+    p.add_argument("--matrix", choices=tuple(MATRIX_LAWS), default="gaussian",
+                   help="law of T: gaussian, i.i.d. N(0, 1) entries (sign-symmetric: Theorem 1 applies), "
+                        "or positive-mean, i.i.d. N(1, 1) entries (negative control: the sign symmetry "
+                        "Theorem 1 assumes is broken and the measurement departs from its formula); "
+                        "default: %(default)s")
     return p
 
 
@@ -55,11 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        validate(args.dims, args.points, args.trials, args.seed, args.activation, args.manifold)
+        validate(args.dims, args.points, args.trials, args.seed, args.activation, args.manifold, args.matrix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_out_dir(args.out)
-    result = run_experiment(args.dims, args.points, args.trials, args.seed, args.activation, args.manifold)
+    result = run_experiment(args.dims, args.points, args.trials, args.seed, args.activation, args.manifold,
+                            args.matrix)
     try:
         paths = write_outputs(result, args.out)
     except OSError as exc:

@@ -5,6 +5,8 @@ draw; row i of trial j is ``normal(fold_in(fold_in(key, j), i), (d,))``. Each ``
 exactly an i.i.d. N(0, 1) n x d matrix, independent across trials, and a run's numbers for a given
 (seed, trial, n) do not depend on ``--trials`` or on the other ``--dims``. Only the estimates for
 *different* n within one trial are correlated (nested rows); every per-n mean and interval is exact.
+A law with entries N(mu, 1) (the positive-mean control, :mod:`.theory`) uses the same draws plus mu,
+so the two laws are compared on the same noise.
 
 Accumulation. Going through the units in order (``lax.scan``), each (trial, point) keeps running sums
 over the units seen so far: the number of active units, ``T^T y``, the active-set Gram matrix
@@ -21,16 +23,24 @@ the sum of the principal 2 x 2 minors; r = 3 (d = 3): ``adj(G) b / det G``; r = 
 decoder that matrix is formed once per trial.
 
 "Active" means the unit's derivative is non-zero: ``Tx > 0`` for relu, ``0 < Tx < 6`` for relu6
-(saturated units carry no local information either), every unit for linear. A point is *collapsed*
-when fewer than d units are active (local rank < d: its neighbourhood is squeezed to lower dimension).
+(saturated units carry no local information either), every unit for linear. A point x is *collapsed*
+when fewer than d units are active: the map's Jacobian at x is T restricted to the active rows, of
+rank < d, so the d-dimensional neighbourhood of x is squeezed onto a lower-dimensional set (the
+paper's Lemma 2 condition, at least d active units, fails). This is Theorem 1's quantity. It concerns
+the full d-dimensional neighbourhood, not the 1-D curve itself: a collapsed point of the spiral may
+still keep its tangent direction.
 
 Memory: the trials are processed in chunks (``lax.map``), so the working set is about
 ``chunk x points x (d(d+1)/2 + 2d + 1)`` floats whatever the sweep size.
+
+:func:`collapsed_per_trial` is the same scan keeping only the active counts (no decoders): the cheap
+pass that measures a run's second law of T.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -45,6 +55,12 @@ CHUNK_ELEMENTS = 80_000 # trials x points per chunk: keeps the running sums in c
 def draw_matrices(seed: int, trials: int, n_max: int, d: int) -> jax.Array:
     """The random matrices of every trial, ``[trials, n_max, d]`` float32 (see module docstring)."""
     return _draw(jax.random.key(seed), trials, n_max, d)
+
+
+def matrices(seed: int, trials: int, n_max: int, d: int, mean: float = 0.0) -> np.ndarray:
+    """float64 ``[trials, n_max, d]``: :func:`draw_matrices` plus ``mean``, i.e. i.i.d. N(mean, 1)
+    entries on the same noise for every mean."""
+    return np.asarray(draw_matrices(seed, trials, n_max, d), np.float64) + float(mean)
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3))
@@ -186,31 +202,74 @@ def sweep_metrics(t: jax.Array, x: jax.Array, activation: str, chunk: int) -> ja
     return jnp.moveaxis(out, 0, 2).reshape(n_max, 3, trials)
 
 
-def per_trial_metrics(x: np.ndarray, seed: int, trials: int, n_max: int, activation: str) -> np.ndarray:
-    """Draw the matrices and run :func:`sweep_metrics` in float64; ``[n_max, 3, trials]`` NumPy array.
-
-    float64 because the active-set normal equations square the condition number of the active rows,
-    which is heavy-tailed at small n (in float32 a few near-singular points reached errors of 1e8).
-    The chunks are split into one contiguous group per CPU core, each run from its own thread (XLA
-    runs one such program on one core); every trial's numbers are independent of the grouping."""
+def _check(x: np.ndarray, activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
-    points, d = x.shape
-    if d not in (2, 3):
-        raise ValueError(f"input dimension must be 2 or 3, got {d}")
-    chunk = int(max(1, min(trials, CHUNK_ELEMENTS // points)))
+    if x.shape[1] not in (2, 3):
+        raise ValueError(f"input dimension must be 2 or 3, got {x.shape[1]}")
+
+
+def _run_grouped(program: Callable[[jax.Array, jax.Array], jax.Array], t: np.ndarray, x: np.ndarray, chunk: int) -> np.ndarray:
+    """``program(t_part, x)`` (a jitted function of float64 ``[k * chunk, n_max, d]`` matrices, with
+    the trials on its output's last axis) on one contiguous group of chunks per CPU core, each from its
+    own thread (XLA runs one such program on one core); the trials are padded to whole chunks and the
+    padding cut off again. Every trial's numbers are independent of the grouping."""
+    trials, n_max, d = t.shape
     n_chunks = -(-trials // chunk)
     groups = max(1, min(os.cpu_count() or 1, n_chunks))
     per_group = -(-n_chunks // groups) * chunk
-    t = np.asarray(draw_matrices(seed, trials, n_max, d), np.float64)
     t = np.concatenate([t, np.ones((per_group * groups - trials, n_max, d))])
     x64 = np.asarray(x, np.float64)
 
     def run(group: int) -> np.ndarray:
         with jax.enable_x64(True):  # thread-local: entered in the thread that traces and runs
             part = jnp.asarray(t[group * per_group:(group + 1) * per_group])
-            return np.asarray(sweep_metrics(part, jnp.asarray(x64), activation, chunk))
+            return np.asarray(program(part, jnp.asarray(x64)))
 
     with ThreadPoolExecutor(groups) as pool:
         parts = list(pool.map(run, range(groups)))
-    return np.concatenate(parts, axis=2)[:, :, :trials]
+    return np.concatenate(parts, axis=-1)[..., :trials]
+
+
+def per_trial_metrics(x: np.ndarray, seed: int, trials: int, n_max: int, activation: str,
+                      mean: float = 0.0) -> np.ndarray:
+    """Draw the matrices (entries N(``mean``, 1), :func:`matrices`) and run :func:`sweep_metrics` in
+    float64, one thread per core; ``[n_max, 3, trials]`` NumPy array.
+
+    float64 because the active-set normal equations square the condition number of the active rows,
+    which is heavy-tailed at small n (in float32 a few near-singular points reached errors of 1e8)."""
+    _check(x, activation)
+    chunk = int(max(1, min(trials, CHUNK_ELEMENTS // x.shape[0])))
+    program = partial(sweep_metrics, activation=activation, chunk=chunk)
+    return _run_grouped(program, matrices(seed, trials, n_max, x.shape[1], mean), x, chunk)
+
+
+@partial(jax.jit, static_argnames=("activation", "chunk"))
+def sweep_collapsed(t: jax.Array, x: jax.Array, activation: str, chunk: int) -> jax.Array:
+    """Row 0 of :func:`sweep_metrics` alone, ``[n_max, trials]``: the same scan over the units keeping
+    only each (trial, point)'s running count of active units, so no decoder is formed."""
+    trials, n_max, d = t.shape
+    xs = [x[:, k][None, :] for k in range(d)]
+
+    def one(c: jax.Array) -> jax.Array:  # [chunk, n_max, d] -> [n_max, chunk]
+        def step(count: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
+            z = sum(row[:, k][:, None] * xs[k] for k in range(d))
+            count = count + activate(z, activation)[1].astype(x.dtype)
+            return count, jnp.mean((count < d).astype(x.dtype), axis=1)
+
+        count0 = jnp.zeros((c.shape[0], x.shape[0]), x.dtype)
+        return jax.lax.scan(step, count0, jnp.swapaxes(c, 0, 1))[1]
+
+    out = jax.lax.map(one, t.reshape(trials // chunk, chunk, n_max, d))  # [chunks, n_max, chunk]
+    return jnp.moveaxis(out, 0, 1).reshape(n_max, trials)
+
+
+def collapsed_per_trial(x: np.ndarray, seed: int, trials: int, n_max: int, activation: str,
+                        mean: float = 0.0) -> np.ndarray:
+    """The collapsed fraction alone (row 0 of :func:`per_trial_metrics`, the same numbers) for T with
+    i.i.d. N(``mean``, 1) entries: ``[n_max, trials]``. Much cheaper than the full sweep, so a run's
+    second law of T (the control, or the Gaussian reference) adds little time."""
+    _check(x, activation)
+    chunk = int(max(1, min(trials, CHUNK_ELEMENTS // x.shape[0])))
+    program = partial(sweep_collapsed, activation=activation, chunk=chunk)
+    return _run_grouped(program, matrices(seed, trials, n_max, x.shape[1], mean), x, chunk)

@@ -25,7 +25,8 @@ from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_i
 from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS, PADDINGS, PRESETS,
                                         RESIDUAL_PLACEMENTS)
 from manifold_lab.train import sharding
-from manifold_lab.train.config import COMPUTE_DTYPES, LR_SCHEDULES, MODEL_NAMES, OPTIMIZERS, TrainConfig
+from manifold_lab.train.config import (COMPUTE_DTYPES, EVAL_BN_CHOICES, LR_SCHEDULES, MODEL_NAMES, OPTIMIZERS,
+                                       TrainConfig)
 from manifold_lab.train.loop import EXIT_DIVERGED, TrainingDiverged, train
 from manifold_lab.train.multiseed import train_seeds
 from manifold_lab.train.records import CONFIG_FILE, read_json
@@ -47,8 +48,8 @@ _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--depthwise-impl": ("depthwise_impl", dict(choices=DEPTHWISE_IMPLS, help="default auto")),
     "--padding": ("padding", dict(choices=PADDINGS, help="conv padding convention (default same)")),
     "--dropout": ("dropout_rate", dict(type=number, help="drop probability before the classifier (0.2)")),
-    "--bn-decay": ("bn_momentum", dict(type=number, help="BatchNorm running-average decay (0.997; the "
-                                                        "averages need ~1/(1-decay) steps to settle)")),
+    "--bn-decay": ("bn_momentum", dict(type=number, help="BatchNorm running-average decay (0.997; "
+                                                        "zero-debiased)")),
     "--compute-dtype": ("compute_dtype", dict(choices=COMPUTE_DTYPES, help="activations (default float32)")),
     "--dataset": ("dataset", dict(help="fashion_mnist (default), digits, cifar10, cifar100, npz, imagefolder")),
     "--data-dir": ("data_dir", dict(help="dataset location (npz: the file)")),
@@ -76,6 +77,12 @@ _FIELD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--checkpoint-every": ("checkpoint_every", dict(type=positive_int, help="steps between checkpoints "
                                                                            "(one epoch)")),
     "--eval-batch-size": ("eval_batch_size", dict(type=positive_int, help="default 1000")),
+    "--eval-bn": ("eval_bn", dict(choices=EVAL_BN_CHOICES,
+                                  help="BatchNorm statistics at evaluation: precise (re-estimated over "
+                                       "training batches, default), running (the debiased running "
+                                       "averages) or both (precise reported)")),
+    "--eval-bn-batches": ("eval_bn_batches", dict(type=positive_int,
+                                                  help="training batches for the precise statistics (50)")),
     "--devices": ("num_devices", dict(type=positive_int, help="data-parallel devices (default: all)")),
 }
 

@@ -20,6 +20,9 @@ OPTIMIZERS: tuple[str, ...] = ("paper", "sgd", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("staircase", "cosine")
 MODEL_NAMES: tuple[str, ...] = ("mobilenet_v2", "mobilenet_v1")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+#: BatchNorm statistics of evaluation (:mod:`manifold_lab.train.bn_stats`); ``both`` reports
+#: ``precise`` and records ``running`` beside it.
+EVAL_BN_CHOICES: tuple[str, ...] = ("precise", "running", "both")
 
 #: Learning rate and weight decay per optimiser when the config leaves them unset.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
@@ -47,7 +50,7 @@ class TrainConfig:
     depthwise_impl: str = "auto"
     padding: str = "same"
     dropout_rate: float = 0.2  # drop probability before the classifier (authors' code: keep 0.8)
-    bn_momentum: float = 0.997  # BatchNorm running-average decay (TF-Slim); short runs want less
+    bn_momentum: float = 0.997  # BatchNorm running-average decay (TF-Slim); zero-debiased in training
     compute_dtype: str = "float32"  # activations; params, optimiser state, BN statistics stay float32
     # data
     dataset: str = "fashion_mnist"
@@ -76,6 +79,8 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int | None = None  # steps; None: once per epoch (and always at the end)
     eval_batch_size: int = 1000
+    eval_bn: str = "precise"  # BatchNorm statistics at evaluation: precise, running or both (bn_stats)
+    eval_bn_batches: int = 50  # training batches that estimate the precise statistics
     num_devices: int | None = None  # data-parallel devices; None: all local devices
 
     def __post_init__(self) -> None:
@@ -90,6 +95,7 @@ class TrainConfig:
         _choice("residual", self.residual, RESIDUAL_PLACEMENTS)
         _choice("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
         _choice("padding", self.padding, PADDINGS)
+        _choice("eval_bn", self.eval_bn, EVAL_BN_CHOICES)
         if self.model == "mobilenet_v1" and (self.bottleneck_activation != "linear"
                                              or self.residual != "bottleneck"):
             raise UsageError("--bottleneck-activation and --residual apply to mobilenet_v2 only")
@@ -98,6 +104,7 @@ class TrainConfig:
         _positive("batch_size", self.batch_size)
         _positive("log_every", self.log_every)
         _positive("eval_batch_size", self.eval_batch_size)
+        _positive("eval_bn_batches", self.eval_bn_batches)
         for name in ("steps", "eval_every", "checkpoint_every", "image_size", "num_devices"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))

@@ -36,7 +36,7 @@ from manifold_lab.cli import UsageError, writable_dir
 from manifold_lab.data import ArrayDataset, epoch_permutation, load_dataset, pipeline_spec
 from manifold_lab.data.pipeline import PipelineSpec
 from manifold_lab.models import build_model, model_config
-from manifold_lab.train import records, sharding
+from manifold_lab.train import bn_stats, records, sharding
 from manifold_lab.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from manifold_lab.train.config import TrainConfig
 from manifold_lab.train.optim import make_optimizer
@@ -264,6 +264,7 @@ def _common_checkpoint(ckpts: list[Checkpointer]) -> int | None:
 class _Programs:
     step: Any  # jitted, state donated
     evaluate: Any  # jitted (in-memory) or per-batch (streaming)
+    precise: Any  # jitted precise BatchNorm statistics (in-memory) or per-batch statistics (streaming)
     permutation: Any  # jitted epoch permutation(s) (in-memory only)
     reset: Any  # jitted: zero the logging sums (state donated)
     init: Any  # jitted: (seed(s), initial learning rate) -> train state, replicated
@@ -322,28 +323,35 @@ def _programs(key: _ProgramKey) -> _Programs:
     batch_sh = sharding.batch_sharded(mesh)
     if key.streaming:
         step = make_stream_step(graphdef, tx, mean=key.mean, std=key.std, dtype=cfg.compute_dtype,
-                                label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay)
+                                bn_decay=cfg.bn_momentum, label_smoothing=cfg.label_smoothing,
+                                ema_decay=cfg.ema_decay)
         step_jit = jax.jit(step, donate_argnums=0, out_shardings=rep)
         evaluate = jax.jit(make_eval_batch_fn(graphdef), out_shardings=rep)
+        precise = jax.jit(bn_stats.make_stream_batch_statistics(
+            graphdef, mean=key.mean, std=key.std, dtype=cfg.compute_dtype), out_shardings=rep)
         permutation = None
     else:
-        step = make_memory_step(graphdef, tx, key.spec, label_smoothing=cfg.label_smoothing,
-                                ema_decay=cfg.ema_decay, batch_sharding=batch_sh)
+        step = make_memory_step(graphdef, tx, key.spec, bn_decay=cfg.bn_momentum,
+                                label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay,
+                                batch_sharding=batch_sh)
         evaluate = make_memory_eval(graphdef, batch_size=key.eval_batch_size,
                                     num_batches=-(-key.test_size // key.eval_batch_size),
                                     mean=key.mean, std=key.std, dtype=cfg.compute_dtype, batch_sharding=batch_sh)
+        precise = bn_stats.make_memory_precise(graphdef, key.spec, cfg.eval_bn_batches, batch_sh)
         permutation = functools.partial(epoch_permutation, num_examples=key.train_size)
         if key.batched:
             step = jax.vmap(step, in_axes=(0, 0, 0, None, None))
             evaluate = jax.vmap(evaluate, in_axes=(0, 0, None, None))
+            precise = jax.vmap(precise, in_axes=(0, 0, 0, None, None))
             permutation = jax.vmap(permutation, in_axes=(0, None))
         step_jit = jax.jit(step, donate_argnums=0, out_shardings=rep)
         evaluate = jax.jit(evaluate, out_shardings=rep)
+        precise = jax.jit(precise, out_shardings=rep)
         permutation = jax.jit(permutation, out_shardings=rep)
     reset = jax.jit(reset_sums, donate_argnums=0, out_shardings=rep)
     init_jit = jax.jit(jax.vmap(init, in_axes=(0, None)) if key.batched else init, out_shardings=rep,
                        compiler_options=_FAST_COMPILE)
-    return _Programs(step_jit, evaluate, permutation, reset, init_jit, jax.jit(schedule))
+    return _Programs(step_jit, evaluate, precise, permutation, reset, init_jit, jax.jit(schedule))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -373,6 +381,7 @@ class _Loop:
         images, labels = sharding.put_replicated((train_data.images, train_data.labels), self.mesh)
         t_images, t_labels = sharding.put_replicated((test_data.images, test_data.labels), self.mesh)
         evaluate = lambda params, stats: self.p.evaluate(params, stats, t_images, t_labels)
+        precise = lambda params, stats: self.p.precise(params, stats, keys, images, labels)
         spe = self.plan.steps_per_epoch
         perm_epoch, perm = None, None
 
@@ -382,7 +391,7 @@ class _Loop:
                 perm_epoch = step // spe
                 perm = self.p.permutation(keys, perm_epoch)
             return self.p.step(state, keys, perm, images, labels)
-        return self._run(state, start, stop_at, advance, evaluate)
+        return self._run(state, start, stop_at, advance, functools.partial(self._evaluate, evaluate, precise))
 
     def run_stream(self, state: Any, key: Any, train_data: Any, test_data: Any, start: int,
                    stop_at: int | None) -> Any:
@@ -401,7 +410,24 @@ class _Loop:
                 l, c = self.p.evaluate(params, stats, *(_put_batch(a, batch_sh) for a in (x, y, mask)))
                 loss, correct = loss + l, correct + c
             return loss / len(test_data), correct / len(test_data)
-        return self._run(state, start, stop_at, advance, evaluate)
+
+        def precise(params: Any, stats: Any) -> Any:
+            count = min(self.cfgs[0].eval_bn_batches, self.plan.steps_per_epoch)
+            loader = train_data.batches(self.batch, seed=self.cfgs[0].seed, num_steps=count, num_workers=0)
+            per_batch = [self.p.precise(params, stats, _put_batch(x, batch_sh)) for x, _ in loader]
+            return bn_stats.population(bn_stats.stack(per_batch))
+        return self._run(state, start, stop_at, advance, functools.partial(self._evaluate, evaluate, precise))
+
+    def _evaluate(self, evaluate: Any, precise: Any, state: Any) -> dict[str, list[np.ndarray]]:
+        """Test (loss, accuracy) per seed under each BatchNorm protocol of ``eval_bn`` (the reported
+        one first), of the weight averages where the run keeps them."""
+        evaluated = state["ema"] or state
+        params, stats = evaluated["params"], evaluated["batch_stats"]
+        out = {}
+        for protocol in bn_stats.protocols(self.cfgs[0].eval_bn):
+            used = precise(params, stats) if protocol == "precise" else stats
+            out[protocol] = [np.asarray(a).reshape(-1) for a in jax.device_get(evaluate(params, used))]
+        return out
 
     # -- shared loop
 
@@ -449,18 +475,14 @@ class _Loop:
         acc = np.asarray(sums["correct"]).reshape(-1) / np.maximum(count * self.batch, 1)
         ips = (step - self.mark_step) * self.batch / max(now - self.mark_time, 1e-9)
         lr = self.cfgs[0].lr * float(self.p.unit_schedule(step - 1))
-        test = None
-        if self.plan.is_eval_step(step):
-            evaluated = state["ema"] or state  # the averages where the run keeps them
-            test = jax.device_get(evaluate(evaluated["params"], evaluated["batch_stats"]))
-            test = [np.asarray(a).reshape(-1) for a in test]
+        test = evaluate(state) if self.plan.is_eval_step(step) else None
         elapsed = self.elapsed_before + time.perf_counter() - self.session_start
         for i in range(self.k):
             record = {"step": step, "epoch": round(step / self.plan.steps_per_epoch, 6),
                       "loss": float(loss[i]), "train_accuracy": float(acc[i]), "learning_rate": lr,
                       "images_per_second": round(ips, 2), "elapsed_s": round(elapsed, 3)}
             if test is not None:
-                record.update(test_loss=float(test[0][i]), test_accuracy=float(test[1][i]))
+                record.update(_test_fields(test, i))
             self.logs[i].append(record)
             self.progress[i].update(record)
         state = self.p.reset(state)
@@ -505,12 +527,28 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _test_fields(test: dict[str, list[np.ndarray]], seed_index: int) -> dict[str, Any]:
+    """A metrics line's evaluation fields: ``test_loss``/``test_accuracy`` under the reported
+    protocol (``eval_bn``), and both suffixed by each measured protocol's name."""
+    protocol = next(iter(test))
+    fields: dict[str, Any] = {"test_loss": float(test[protocol][0][seed_index]),
+                              "test_accuracy": float(test[protocol][1][seed_index]), "eval_bn": protocol}
+    for name, (loss, accuracy) in test.items():
+        fields[f"test_loss_{name}"] = float(loss[seed_index])
+        fields[f"test_accuracy_{name}"] = float(accuracy[seed_index])
+    return fields
+
+
 def _summary(cfg: TrainConfig, plan: Plan, recs: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
     final = recs[-1]
     speeds = [r["images_per_second"] for r in recs[1:]] or [recs[0]["images_per_second"]]
+    by_protocol = {f"final_{key}": final[key] for key in final
+                   if key.startswith(("test_loss_", "test_accuracy_"))}
     return {
         "final_test_accuracy": final["test_accuracy"],
         "final_test_loss": final["test_loss"],
+        "eval_bn": final.get("eval_bn", "running"),
+        **by_protocol,
         "steps": plan.total_steps,
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "wall_time_s": final["elapsed_s"],

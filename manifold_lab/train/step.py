@@ -15,7 +15,8 @@ Three layers, each a pure function:
 The train state is a plain dict pytree: ``step`` (int32), ``params``, ``batch_stats``, ``opt_state``,
 ``ema`` (None, or ``{"params", "batch_stats"}``: their moving averages) and ``sums`` (``loss``,
 ``correct``, ``count`` since the last log line, and ``finite``: 0 once any step produced a
-non-finite loss or weights). Randomness: the seed's key ``k``; data order and augmentation as in
+non-finite loss, weights or BatchNorm statistics). The running BatchNorm averages are zero-debiased
+after every step (:mod:`manifold_lab.train.bn_stats`). Randomness: the seed's key ``k``; data order and augmentation as in
 :mod:`manifold_lab.data.pipeline` (streams 0 and 1), dropout from ``fold_in(fold_in(k, 2), step)``.
 """
 
@@ -30,6 +31,7 @@ import optax
 from flax import nnx
 
 from manifold_lab.data.pipeline import PipelineSpec, eval_batch, normalize, train_batch
+from manifold_lab.train.bn_stats import debias
 from manifold_lab.train.optim import ema_update
 
 DROPOUT_STREAM = 2
@@ -109,14 +111,15 @@ def reset_sums(state: TrainState) -> TrainState:
 
 
 def _advance(core: Callable, state: TrainState, images: jax.Array, labels: jax.Array,
-             dropout_key: jax.Array, ema_decay: float | None) -> TrainState:
+             dropout_key: jax.Array, ema_decay: float | None, bn_decay: float) -> TrainState:
     params, batch_stats, opt_state, loss, accuracy = core(
         state["params"], state["batch_stats"], state["opt_state"], images, labels, dropout_key)
     step = state["step"] + 1
+    batch_stats = debias(state["batch_stats"], batch_stats, bn_decay, step)
     ema = None if ema_decay is None else ema_update(
         state["ema"], {"params": params, "batch_stats": batch_stats}, ema_decay, step)
     sums = state["sums"]
-    finite = jnp.isfinite(loss) & all_finite(params)
+    finite = jnp.isfinite(loss) & all_finite((params, batch_stats))
     sums = {"loss": sums["loss"] + loss, "correct": sums["correct"] + accuracy * labels.shape[0],
             "count": sums["count"] + 1.0, "finite": jnp.minimum(sums["finite"], finite.astype(jnp.float32))}
     return {"step": step, "params": params, "batch_stats": batch_stats, "opt_state": opt_state,
@@ -124,10 +127,12 @@ def _advance(core: Callable, state: TrainState, images: jax.Array, labels: jax.A
 
 
 def make_memory_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, spec: PipelineSpec, *,
-                     label_smoothing: float = 0.0, ema_decay: float | None = None,
+                     bn_decay: float, label_smoothing: float = 0.0, ema_decay: float | None = None,
                      batch_sharding: jax.sharding.Sharding | None = None) -> Callable:
     """``(state, seed_key, perm, images, labels) -> state`` for an in-memory dataset on the device;
-    ``perm`` is the epoch's :func:`~manifold_lab.data.epoch_permutation` of ``seed_key``."""
+    ``perm`` is the epoch's :func:`~manifold_lab.data.epoch_permutation` of ``seed_key``.
+    ``bn_decay``: the models' BatchNorm decay, whose running averages are zero-debiased
+    (:func:`~manifold_lab.train.bn_stats.debias`)."""
     core = make_train_step(graphdef, tx, label_smoothing)
 
     def step_fn(state, seed_key, perm, images, labels):
@@ -136,12 +141,12 @@ def make_memory_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
             x = jax.lax.with_sharding_constraint(x, batch_sharding)
             y = jax.lax.with_sharding_constraint(y, batch_sharding)
         dropout_key = jax.random.fold_in(jax.random.fold_in(seed_key, DROPOUT_STREAM), state["step"])
-        return _advance(core, state, x, y, dropout_key, ema_decay)
+        return _advance(core, state, x, y, dropout_key, ema_decay, bn_decay)
     return step_fn
 
 
 def make_stream_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
-                     mean: tuple[float, ...], std: tuple[float, ...], dtype: str,
+                     mean: tuple[float, ...], std: tuple[float, ...], dtype: str, bn_decay: float,
                      label_smoothing: float = 0.0, ema_decay: float | None = None) -> Callable:
     """``(state, seed_key, images_uint8, labels) -> state`` for batches streamed from the host
     (already shuffled and augmented by the loader); normalisation runs on the device."""
@@ -150,7 +155,7 @@ def make_stream_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *
     def step_fn(state, seed_key, images, labels):
         x = normalize(images, mean, std, dtype)
         dropout_key = jax.random.fold_in(jax.random.fold_in(seed_key, DROPOUT_STREAM), state["step"])
-        return _advance(core, state, x, labels, dropout_key, ema_decay)
+        return _advance(core, state, x, labels, dropout_key, ema_decay, bn_decay)
     return step_fn
 
 
