@@ -210,7 +210,8 @@ def child_command(args: argparse.Namespace, preset: Preset) -> Callable[[Run, Se
     return command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The command line of ``python -m ablations.run``."""
     parser = ArgumentParser(prog="python -m ablations.run", description=__doc__.splitlines()[0])
     parser.add_argument("study", help=f"all, {', '.join(STUDIES)}")
     parser.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
@@ -231,7 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus", default=None, metavar="LIST",
                         help="pin this process to these CPU cores, e.g. 0 or 0-3 (what --workers gives "
                              "its children)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cpus is not None:  # before JAX starts its threads
         try:
             pin_to_cpus(parse_cpus(args.cpus))

@@ -219,7 +219,21 @@ def fmt(r: dict[str, float] | None) -> str:
     return f"{r['images_per_s']:.1f} ({r['min_images_per_s']:.1f}-{r['max_images_per_s']:.1f})"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to measure, from the command line."""
+
+    names: list[str]
+    peers: dict[str, bool]  # peer -> installed
+    threads: list[int]
+    variants: list[str]
+    repeats: int
+    warmup: int
+    budget: float
+    json: Path | None
+
+
+def parse_settings(argv: Sequence[str] | None) -> Settings:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
     parser.add_argument("--peers", default="keras,torch", help="comma-separated subset of keras,torch ('' = none)")
@@ -239,68 +253,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers = [p for p in args.peers.split(",") if p]
     if any(p not in ("keras", "torch") for p in peers):
         raise UsageError(f"--peers must be a subset of keras,torch, got {args.peers!r}")
-    repeats = args.repeats or (3 if args.quick else 10)
-    warmup = args.warmup or (1 if args.quick else 3)
-    available = {p: importlib.util.find_spec(p) is not None for p in peers}
     try:
         threads = sorted({(os.cpu_count() or 1) if t == "all" else int(t) for t in args.torch_threads.split(",")})
     except ValueError:
         raise UsageError(f"--torch-threads must be comma-separated integers or 'all', got {args.torch_threads!r}") from None
     if not threads or min(threads) < 1:
         raise UsageError(f"--torch-threads must be positive, got {args.torch_threads!r}")
-    variants = [v for v in TORCH_VARIANTS if not (args.no_torch_compile and v.startswith("compiled"))]
+    return Settings(names, {p: importlib.util.find_spec(p) is not None for p in peers}, threads,
+                    [v for v in TORCH_VARIANTS if not (args.no_torch_compile and v.startswith("compiled"))],
+                    args.repeats or (3 if args.quick else 10), args.warmup or (1 if args.quick else 3),
+                    args.budget, args.json)
 
-    results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                    "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", "")},
-        "repeats": repeats, "warmup": warmup, "cases": {}}
-    print(f"JAX {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; images/s, median "
-          f"(slowest-fastest step) of {repeats} after {warmup} warm-up; load = 1-min load average")
 
-    def bench(label: str, make: Callable[[], Callable[[], None]], batch: int) -> dict[str, float] | None:
-        try:
-            r = measure(make(), batch, warmup, repeats, args.budget)
-        except Exception as exc:  # a peer variant that fails (e.g. no compiler) is reported, not fatal
-            print(f"  {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
-            return None
-        print(f"  {label}: {fmt(r)} img/s, load {r['load_avg_1m']:.2f}", flush=True)
-        return r
+def bench(settings: Settings, label: str, make: Callable[[], Callable[[], None]], batch: int
+          ) -> dict[str, float] | None:
+    """One figure, printed as it is measured; a peer variant that fails is reported, not fatal."""
+    try:
+        r = measure(make(), batch, settings.warmup, settings.repeats, settings.budget)
+    except Exception as exc:  # e.g. torch.compile without a compiler
+        print(f"  {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+        return None
+    print(f"  {label}: {fmt(r)} img/s, load {r['load_avg_1m']:.2f}", flush=True)
+    return r
 
-    for name in names:
-        case = CASES[name]
-        print(case.label(), flush=True)
-        entry: dict[str, Any] = {"case": dataclasses.asdict(case)}
-        modes = ["train"] + (["inference"] if case.inference else [])
-        for mode in modes:
-            train = mode == "train"
-            figs: dict[str, Any] = {"ours": bench(f"{mode} ours", lambda: (ours_train if train else ours_infer)(case),
-                                                  case.batch)}
-            if available.get("keras"):
-                figs["keras_jax"] = bench(f"{mode} keras/jax",
-                                          lambda: (keras_train if train else keras_infer)(case), case.batch)
-            if available.get("torch"):
-                torch_figs = {f"{v}_{t}t": bench(f"{mode} torch {v} {t} thread(s)",
-                                                 lambda v=v, t=t: torch_setup(case, v, train, t), case.batch)
-                              for v in variants for t in threads}
-                figs["torch_variants"] = torch_figs
-                ok = {v: r for v, r in torch_figs.items() if r is not None}
-                if ok:
-                    best = max(ok, key=lambda v: ok[v]["images_per_s"])
-                    figs["pytorch"] = {**ok[best], "variant": best}
-            peer_figs = {k: figs[k] for k in ("keras_jax", "pytorch") if figs.get(k)}
-            if figs["ours"] and peer_figs:
-                fastest = max(peer_figs, key=lambda k: peer_figs[k]["images_per_s"])
-                figs["fastest_peer"] = fastest
-                figs["ratio_vs_fastest_peer"] = figs["ours"]["images_per_s"] / peer_figs[fastest]["images_per_s"]
-            entry[mode] = figs
-        results["cases"][name] = entry
 
+def measure_mode(settings: Settings, case: Any, mode: str) -> dict[str, Any]:
+    """Ours and every installed peer on one case in one mode, with the ratio to the fastest peer."""
+    train = mode == "train"
+    figs: dict[str, Any] = {"ours": bench(settings, f"{mode} ours",
+                                          lambda: (ours_train if train else ours_infer)(case), case.batch)}
+    if settings.peers.get("keras"):
+        figs["keras_jax"] = bench(settings, f"{mode} keras/jax",
+                                  lambda: (keras_train if train else keras_infer)(case), case.batch)
+    if settings.peers.get("torch"):
+        torch_figs = {f"{v}_{t}t": bench(settings, f"{mode} torch {v} {t} thread(s)",
+                                         lambda v=v, t=t: torch_setup(case, v, train, t), case.batch)
+                      for v in settings.variants for t in settings.threads}
+        figs["torch_variants"] = torch_figs
+        ok = {v: r for v, r in torch_figs.items() if r is not None}
+        if ok:
+            best = max(ok, key=lambda v: ok[v]["images_per_s"])
+            figs["pytorch"] = {**ok[best], "variant": best}
+    peer_figs = {k: figs[k] for k in ("keras_jax", "pytorch") if figs.get(k)}
+    if figs["ours"] and peer_figs:
+        fastest = max(peer_figs, key=lambda k: peer_figs[k]["images_per_s"])
+        figs["fastest_peer"] = fastest
+        figs["ratio_vs_fastest_peer"] = figs["ours"]["images_per_s"] / peer_figs[fastest]["images_per_s"]
+    return figs
+
+
+def print_table(cases: dict[str, Any]) -> None:
     print()
     print("| case | mode | ours | keras/jax | pytorch (best variant) | ours / fastest peer | load |")
     print("|---|---|---|---|---|---|---|")
-    for name, entry in results["cases"].items():
+    for name, entry in cases.items():
         for mode in ("train", "inference"):
             if mode not in entry:
                 continue
@@ -310,9 +316,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             loads = [r["load_avg_1m"] for k, r in f.items() if isinstance(r, dict) and "load_avg_1m" in r]
             print(f"| {CASES[name].label()} | {mode} | {fmt(f['ours'])} | {fmt(f.get('keras_jax'))} | {torch_txt} "
                   f"| {ratio} | {min(loads):.1f}-{max(loads):.1f} |")
-    if args.json is not None:
-        atomic_write_json(args.json, results)
-        print(f"wrote {args.json}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                    "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                    "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", "")},
+        "repeats": settings.repeats, "warmup": settings.warmup, "cases": {}}
+    print(f"JAX {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; images/s, median "
+          f"(slowest-fastest step) of {settings.repeats} after {settings.warmup} warm-up; load = 1-min load average")
+    for name in settings.names:
+        case = CASES[name]
+        print(case.label(), flush=True)
+        entry: dict[str, Any] = {"case": dataclasses.asdict(case)}
+        for mode in ["train"] + (["inference"] if case.inference else []):
+            entry[mode] = measure_mode(settings, case, mode)
+        results["cases"][name] = entry
+    print_table(results["cases"])
+    if settings.json is not None:
+        atomic_write_json(settings.json, results)
+        print(f"wrote {settings.json}")
     return 0
 
 

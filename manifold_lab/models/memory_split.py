@@ -81,8 +81,8 @@ def split_block(block: InvertedResidual) -> SplitBlock:
     ``"expansion_preact"``) or hold one around their depthwise layer (``"inner"``) are refused: the
     split computes the plain Table 1 block only."""
     if block.expansion_shortcut or block.inner_shortcut:
-        raise ValueError("the Section 5 split computes the plain Table 1 block; this block takes a "
-                         "shortcut between or inside its expanded layers")
+        kind = "an expansion shortcut" if block.expansion_shortcut else "an inner shortcut"
+        raise ValueError(f"the Section 5 split computes the plain Table 1 block; this block takes {kind}")
     if block.expansion is not None:
         expand_kernel = block.expansion.kernel[...][0, 0]
         expand_scale, expand_offset = _bn_affine(block.expansion.bn)

@@ -101,15 +101,8 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
                ) -> list[dict[str, Any]] | None:
     """Shared implementation of :func:`train` and ``train_seeds``: with ``batched``, the seeds run as
     one vmapped program (state arrays carry a leading seed axis)."""
-    if len(seeds) != len(run_dirs) or not seeds:
-        raise UsageError("give one run directory per seed")
-    if len(set(seeds)) != len(seeds):
-        raise UsageError("seeds must be distinct")
     cfg = cfg.resolved()
-    cfgs = [cfg.replace(seed=int(s)) for s in seeds]
-    dirs = [writable_dir(d) for d in run_dirs]
-    if len({d.resolve() for d in dirs}) != len(dirs):
-        raise UsageError("run directories must be distinct")
+    cfgs, dirs = _seed_runs(cfg, seeds, run_dirs)
     done = _existing_runs(cfgs, dirs, resume)
     if done is not None:
         return done
@@ -144,9 +137,8 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
                     records.write_config(d, c.to_dict(), _resolved_info(plan, mcfg, n_params, len(cfgs)),
                                          dataclasses.asdict(mcfg), records.environment_info(list(mesh.devices.flat)))
         logs = [records.MetricsLog(d / records.METRICS_FILE, resume_step=start, enabled=main) for d in dirs]
-        label = (lambda i: f"[seed {cfgs[i].seed}]") if batched else (lambda i: "")
-        progress = [records.Progress(plan.total_steps, label=label(i), enabled=main and verbose)
-                    for i in range(len(cfgs))]
+        progress = [records.Progress(plan.total_steps, label=f"[seed {c.seed}]" if batched else "",
+                                     enabled=main and verbose) for c in cfgs]
         if start is not None:
             progress[0].message(f"resuming from step {start}")
         loop = _Loop(cfgs, dirs, plan, programs, mesh, ckpts, logs, progress, batched, main)
@@ -156,16 +148,27 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
             state = loop.run_memory(state, seed_keys, train_data, test_data, start or 0, stop_at_step)
         if state is None:
             return None
-        summaries = []
-        for i, (c, d) in enumerate(zip(cfgs, dirs)):
-            summary = _summary(c, plan, logs[i].records, n_params)
-            if main:
+        summaries = [_summary(c, plan, log.records, n_params) for c, log in zip(cfgs, logs)]
+        if main:
+            for d, summary in zip(dirs, summaries):
                 records.write_summary(d, summary)
-            summaries.append(summary)
         return summaries
     finally:
         for c in ckpts:
             c.close()
+
+
+def _seed_runs(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | os.PathLike[str]]
+               ) -> tuple[list[TrainConfig], list[Path]]:
+    """One config and one writable, distinct run directory per distinct seed."""
+    if len(seeds) != len(run_dirs) or not seeds:
+        raise UsageError("give one run directory per seed")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError("seeds must be distinct")
+    dirs = [writable_dir(d) for d in run_dirs]
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise UsageError("run directories must be distinct")
+    return [cfg.replace(seed=int(s)) for s in seeds], dirs
 
 
 def _existing_runs(cfgs: list[TrainConfig], dirs: list[Path], resume: bool) -> list[dict[str, Any]] | None:
