@@ -301,6 +301,7 @@ def plot_fig7(init: Sequence[Any], trained: Sequence[Any], init_running: Sequenc
     for acts, label, style in ((init, "step 0, batch statistics", "o-"), (trained, "trained", "^-")):
         ax.plot(layers, [100 * a.below_threshold for a in acts], style, ms=4, label=label)
     ax.set_ylabel("% of pixels below the threshold")
+    ax.set_ylim(bottom=0.0)
     ax.set_title("(d) Pixels where Lemma 2's count condition fails", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -421,8 +422,8 @@ def pick_preset(results: Path, name: str | None) -> Preset:
 def build_all(ctx: Context) -> list[report.Section]:
     """Every figure and section, in report order."""
     sections = [spiral_section(ctx), curve_section(ctx, "fig6a"), curve_section(ctx, "fig6b")]
-    extra = [name for name in STUDIES if name not in ALL_STUDIES and any(vr.runs for vr in ctx.study(name))]
-    sections += [curve_section(ctx, name) for name in extra]  # studies beyond the paper, where run
+    extra = [name for name in STUDIES if name not in ALL_STUDIES and all(vr.runs for vr in ctx.study(name))]
+    sections += [curve_section(ctx, name) for name in extra]  # studies beyond the paper, once run
     rows = width_rows(ctx)
     sections.append(width_section(ctx, rows))
     sections.append(fig7_section(ctx))
