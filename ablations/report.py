@@ -262,6 +262,11 @@ def seeds_note(seed_counts: Sequence[int] = (3, 5, 10), alpha: float = 0.05) -> 
             "not resolved, and more comparisons per figure raise these thresholds.")
 
 
+def _prefixed(prefix: str, text: str) -> str:
+    """``prefix`` then ``text`` starting lower-case (nothing when ``text`` is empty)."""
+    return prefix + text[0].lower() + text[1:] if text else ""
+
+
 def replicate_section(studies: Sequence[tuple[Study, Sequence[VariantResults], Sequence[VariantResults]]],
                       note: str) -> Section:
     """Each comparison's paired difference and verdict in these runs and in a second run of the same
@@ -282,7 +287,8 @@ def replicate_section(studies: Sequence[tuple[Study, Sequence[VariantResults], S
     body = (f"The same comparisons in {note}. A verdict that differs between the two runs depends on "
             f"float rounding and should be read as not resolved. Verdicts agree in {agree} of {total}.\n\n"
             + markdown_table(["comparison", "BatchNorm statistics", "these runs: paired difference",
-                              "verdict", "second run: paired difference", "verdict", "same"], rows))
+                              "verdict", "second run: paired difference", "verdict", "same"], rows)
+            + _prefixed("\nIn the second run: ", late_drop_note([vr for _, _, other in studies for vr in other])))
     return Section("Second run with another float rounding", body)
 
 

@@ -362,6 +362,15 @@ def test_figures_and_report_from_fake_results(tmp_path, capsys, fake_trainer, mo
     assert "Table 2" in tables and "1600" in tables and "400" in tables
     assert "MobileNetV1 (1.0), untrained" in tables and "CPU latency" in tables
     assert "Theorem 1: expected collapsed fraction | reproduced" in report
+    # a second results folder of the same preset: its Fig. 6 verdicts are listed beside these
+    code = run_main(figures.main, ["--results", str(results), "--out", str(out), "--replicate", str(results),
+                                   "--replicate-note", "the same runs"], prog="figures")
+    assert code == 0, capsys.readouterr().err
+    report = (out / "REPORT.md").read_text()
+    assert "## Second run with another float rounding" in report and "The same comparisons in the same runs" in report
+    agree = next(line for line in report.splitlines() if "Verdicts agree in" in line)
+    total = agree.split("Verdicts agree in ")[1].split(" of ")
+    assert total[0] == total[1].rstrip(".")
 
 
 def test_figures_skip_missing_studies_with_a_note(tmp_path, capsys):

@@ -137,3 +137,21 @@ def test_short_run_evaluates_close_to_its_training_accuracy(tmp_path: Path) -> N
     assert final["test_accuracy"] >= recent_train - 0.05
     config = json.loads((out / "config.json").read_text())
     assert config["eval_bn"] == "both" and config["eval_bn_batches"] == 50
+
+
+def test_vmapped_seeds_estimate_the_same_precise_statistics_as_single_runs(tmp_path: Path) -> None:
+    """Multi-seed training evaluates each seed with its own precise statistics (its own weights and
+    its own batches): the same numbers as the seed trained alone, to float tolerance."""
+    from manifold_lab.train import train_seeds
+    cfg = CFG.replace(eval_bn="both", eval_bn_batches=3)
+    dirs = [tmp_path / "v0", tmp_path / "v1"]
+    train_seeds(cfg, [0, 1], dirs, verbose=False)
+    for seed, vmapped in zip((0, 1), dirs):
+        alone = tmp_path / f"alone{seed}"
+        train(cfg.replace(seed=seed), alone, verbose=False)
+        a = json.loads((alone / "summary.json").read_text())
+        b = json.loads((vmapped / "summary.json").read_text())
+        for key in ("final_test_loss_precise", "final_test_loss_running"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    first = [json.loads((d / "summary.json").read_text())["final_test_loss_precise"] for d in dirs]
+    assert first[0] != first[1]
