@@ -25,7 +25,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
              prog: str | None = None) -> int:
     """Run ``main``; a :class:`UsageError` becomes ``prog: error: msg`` and exit code 2,
-    Ctrl-C exit code 130. Returns the exit code (for ``sys.exit``)."""
+    Ctrl-C exit code 130, a closed output pipe a quiet exit code 1. Returns the exit code (for
+    ``sys.exit``)."""
     prog = prog or Path(sys.argv[0]).name
     try:
         return int(main(argv) or 0)
@@ -35,6 +36,10 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush cannot fail
+        return 1
 
 
 def integer(text: str) -> int:
