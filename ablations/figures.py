@@ -15,6 +15,7 @@ A study without results is skipped with a note in ``REPORT.md``; nothing is trai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
@@ -401,8 +402,13 @@ def replicate_section(ctx: Context, results: Path, note: str) -> report.Section:
     check_readable_dir(results, "--replicate results folder")
     root = preset_dir(results, ctx.preset)
     check_readable_dir(root, "--replicate results folder")
-    studies = [(STUDIES[name], ctx.study(name), load_study(root, STUDIES[name], ctx.preset, ctx.data_dir))
-               for name in ("fig6a", "fig6b")]
+    studies = []
+    for name in ("fig6a", "fig6b"):
+        other = load_study(root, STUDIES[name], ctx.preset, ctx.data_dir)
+        seeds = {v.variant.name: {r.seed for r in v.runs} for v in other}
+        same_seeds = [dataclasses.replace(v, runs=tuple(r for r in v.runs if r.seed in seeds[v.variant.name]))
+                      for v in ctx.study(name)]  # compare at equal seeds: only the rounding differs
+        studies.append((STUDIES[name], same_seeds, other))
     return report.replicate_section(studies, note)
 
 

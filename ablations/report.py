@@ -284,7 +284,9 @@ def replicate_section(studies: Sequence[tuple[Study, Sequence[VariantResults], S
                              f"**{o.verdict}**" if o else "–", "yes" if same else "**no**"])
     if not rows:
         return Section("Second run", "_No Fig. 6 comparisons to replicate._\n")
-    body = (f"The same comparisons in {note}. A verdict that differs between the two runs depends on "
+    seeds = sorted({r.seed for _, _, other in studies for vr in other for r in vr.runs})
+    body = (f"The same comparisons in {note}, over the seeds it trained ({', '.join(map(str, seeds))}), "
+            "in both runs. A verdict that differs between the two runs depends on "
             f"float rounding and should be read as not resolved. Verdicts agree in {agree} of {total}.\n\n"
             + markdown_table(["comparison", "BatchNorm statistics", "these runs: paired difference",
                               "verdict", "second run: paired difference", "verdict", "same"], rows)
