@@ -254,8 +254,9 @@ def quick() -> Preset:
 @_preset
 def cpu() -> Preset:
     """The full CPU reproduction on Fashion-MNIST: 8 seeds per variant of fig6a and fig6b (4 distinct
-    configurations, the baseline shared: 32 runs), one seed per width of fig5 (0.35, 0.5, 1.0), about
-    an hour on 2 CPU cores (two runs side by side, one per core, ``--workers auto``).
+    configurations, the baseline shared: 32 runs), one seed per width of fig5 (0.35, 0.5, 1.0): 34
+    runs, two side by side, one per core (``--workers auto``); a width-0.35 run takes about 4 minutes
+    on a core of its own, so the preset needs about 75 minutes on 2 otherwise idle cores.
 
     Command: ``python -m ablations.run all --preset cpu && python -m ablations.figures --preset cpu``
     Expected: baseline (linear bottleneck, bottleneck shortcuts) near 90% test accuracy after 6
