@@ -7,15 +7,10 @@ configuration that differ only by seed share the prefix ``{slug}-{hash}`` (their
 together and can be trained as one multi-seed program. Identical configurations requested by
 several studies map to one run.
 
-Layout: ``RESULTS/<preset>/<run id>/`` holds the trainer's ``config.json``, ``metrics.jsonl``,
-``checkpoints/`` and ``summary.json``. A run directory is
-
-- ``done``: ``is_complete``, its config equal to the expected one, metrics readable with a test
-  accuracy;
-- ``missing``: absent (or empty);
-- ``partial``: expected config, no summary yet, a checkpoint folder: resumable;
-- ``corrupt``: anything else (config mismatch, unreadable files, inconsistent summary), which is
-  moved aside and re-run from scratch, never used.
+Layout: ``RESULTS/<preset>/<run id>/`` is a trainer's run directory
+(:mod:`manifold_lab.train.run_dir`), whose status (done, missing, partial, corrupt) is checked
+against the run's expected config; a corrupt one is moved aside and re-run from scratch, never
+used.
 """
 
 from __future__ import annotations
@@ -24,14 +19,14 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from manifold_lab.cli import UsageError
+from manifold_lab.train.config import TrainConfig
+from manifold_lab.train.run_dir import CORRUPT, DONE, MISSING, PARTIAL, RunDir
 from ablations.studies import STUDIES, Preset, Study, Variant, study_names
-
-DONE, MISSING, PARTIAL, CORRUPT = "done", "missing", "partial", "corrupt"
 
 #: TrainConfig fields that say where things are, not what is trained: excluded from ids and checks.
 NON_SEMANTIC_FIELDS: frozenset[str] = frozenset({"data_dir"})
@@ -51,7 +46,6 @@ class Run:
 
     def train_config(self) -> Any:
         """The :class:`manifold_lab.train.TrainConfig` of this run."""
-        from manifold_lab.train import TrainConfig
         return TrainConfig(**self.spec)
 
     def expected_config(self) -> dict[str, Any]:
@@ -79,7 +73,6 @@ def resolved_config(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The TrainConfig of ``spec`` with its defaults resolved (``TrainConfig.resolved``), as JSON
     values: exactly the fields the trainer writes to ``config.json``. Invalid fields raise
     :class:`UsageError`."""
-    from manifold_lab.train import TrainConfig
     try:
         return config_dict(TrainConfig(**spec).resolved())
     except TypeError as exc:
@@ -181,63 +174,38 @@ def preset_dir(results: str | Path, preset: Preset) -> Path:
     return Path(results) / preset.name
 
 
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def saved_train_config(raw: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
-    """The TrainConfig part of a run's ``config.json`` (nested under ``"config"``/``"train"`` or flat)."""
-    for key in ("train_config", "config", "train"):
-        inner = raw.get(key)
-        if isinstance(inner, Mapping) and any(f in inner for f in fields):
-            return dict(inner)
-    return dict(raw)
-
-
-def config_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """Field names whose saved value differs from the expected one (missing counts as different)."""
-    return sorted(k for k, v in expected.items()
-                  if k not in NON_SEMANTIC_FIELDS and (k not in saved or saved[k] != v))
-
-
 def run_status(run_dir: Path, expected: Mapping[str, Any]) -> tuple[str, str]:
-    """``(status, reason)`` of a run directory against its expected resolved config."""
-    from manifold_lab.train import is_complete, load_run
+    """``(status, reason)`` of a run directory against its expected resolved config
+    (:meth:`manifold_lab.train.run_dir.RunDir.status`; the fields of :data:`NON_SEMANTIC_FIELDS`
+    may differ)."""
+    semantic = {k: v for k, v in expected.items() if k not in NON_SEMANTIC_FIELDS}
+    return RunDir(run_dir).status(semantic)
 
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-        return MISSING, "no run directory"
-    if not run_dir.is_dir():
-        return CORRUPT, "not a directory"
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        return CORRUPT, "no config.json"
-    try:
-        saved = saved_train_config(_read_json(config_path), expected)
-    except (OSError, ValueError) as exc:
-        return CORRUPT, f"unreadable config.json ({exc.__class__.__name__})"
-    if not isinstance(saved, dict):
-        return CORRUPT, "config.json is not an object"
-    diff = config_mismatch(saved, expected)
-    if diff:
-        return CORRUPT, "config mismatch: " + ", ".join(diff)
-    if not (run_dir / "summary.json").exists():
-        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            return PARTIAL, "no summary.json; checkpoint present"
-        return CORRUPT, "no summary.json and no checkpoint"
-    try:
-        complete = is_complete(run_dir)
-    except Exception as exc:  # a corrupt file must never crash the sweep: it is re-run
-        return CORRUPT, f"is_complete failed ({exc.__class__.__name__})"
-    if not complete:
-        return CORRUPT, "summary.json invalid or inconsistent with config.json"
-    try:
-        _, metrics = load_run(run_dir)
-    except Exception as exc:
-        return CORRUPT, f"unreadable metrics ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if not any("test_accuracy" in m for m in metrics):
-        return CORRUPT, "metrics.jsonl has no evaluation"
-    return DONE, "complete"
+
+def adopt_earlier_ids(root: Path, runs: Sequence[Run], log: Callable[[str], None]) -> list[str]:
+    """Rename run directories saved under an earlier id of the same run to its current id.
+
+    A run's id hashes its config's JSON, so renaming a config field changes every id. A missing run
+    adopts a folder ``{slug}-<other hash>-s{seed}`` that is done or resumable with the expected
+    config, read with the field renames of ``TrainConfig.from_dict``. Returns the adopted folder
+    names."""
+    adopted = []
+    for run in runs:
+        target = root / run.run_id
+        if run_status(target, run.expected_config())[0] != MISSING:
+            continue
+        slug = run.group_id.rsplit("-", 1)[0]
+        pattern = re.compile(re.escape(slug) + r"-[0-9a-f]{10}-s" + str(run.seed))
+        for candidate in sorted(root.glob(f"{slug}-*-s{run.seed}")):
+            if (candidate.name != run.run_id and pattern.fullmatch(candidate.name)
+                    and run_status(candidate, run.expected_config())[0] in (DONE, PARTIAL)):
+                if target.exists():
+                    target.rmdir()  # empty (MISSING)
+                candidate.rename(target)
+                log(f"{candidate.name}: the same run under an earlier id, renamed to {run.run_id}")
+                adopted.append(candidate.name)
+                break
+    return adopted
 
 
 def describe_summary(summary: object) -> str:

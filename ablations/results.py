@@ -16,7 +16,6 @@ give the primary accuracy only (protocol ``None``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from manifold_lab.train.run_dir import RunDir
 from ablations.plan import DONE, group_id, resolved_config, run_status, study_variants, variant_spec
 from ablations.studies import Preset, Study, Variant
 
@@ -143,8 +143,6 @@ def _seed_of(name: str, gid: str) -> int | None:
 def load_variant(root: Path, study: Study, variant: Variant, preset: Preset,
                  data_dir: str | None = None) -> VariantResults:
     """Every completed seed of ``variant`` under ``root`` (``RESULTS/<preset>``)."""
-    from manifold_lab.train import load_run
-
     base = resolved_config(variant_spec(study, variant, preset, 0, data_dir))
     gid = group_id(base)
     seeds = sorted(s for p in (root.iterdir() if root.is_dir() else ())
@@ -159,8 +157,9 @@ def load_variant(root: Path, study: Study, variant: Variant, preset: Preset,
         if status != DONE:
             skipped.append((run_dir.name, status, reason))
             continue
-        saved, metrics = load_run(run_dir)
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        run = RunDir(run_dir)
+        saved, metrics = run.load()
+        summary = run.summary()
         config = {**expected, "data_dir": data_dir if data_dir is not None else saved.get("data_dir")}
         runs.append(SeedRun(seed, run_dir, config, list(metrics), summary))
     return VariantResults(study.name, variant, tuple(runs), tuple(skipped))

@@ -10,12 +10,17 @@ sequential runs on 2 cores, ``benchmarks/README.md``); ``on``/``off`` force eith
 (:mod:`ablations.workers`; by default one per core on a CPU). ``--shard i/N`` runs the i-th of N
 contiguous slices of the id-sorted run list (1-based), so a job array covers a sweep exactly once; ``--dry-run`` prints one line per run:
 ``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
+
+When the sweep leaves every run of the preset's plan (``all`` at the preset's seed counts) done, it
+ends with the measuring step (:mod:`ablations.measure`: the spiral experiment, Fig. 7's statistics,
+costs and latency, written to ``RESULTS/<preset>/measurements/``), so that
+``python -m ablations.figures`` can render the report; ``--no-measure`` leaves that to a separate
+``python -m ablations.measure`` (for example on the machine whose latency should be reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -24,9 +29,11 @@ from pathlib import Path
 
 from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
-from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, build_plan, describe_summary,
-                            parse_shard, preset_dir, run_status, shard)
-from ablations.studies import PRESETS, STUDIES, Preset, get_preset
+from ablations import measure
+from ablations.cli import check_readable_dir, resolve_preset
+from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, adopt_earlier_ids, build_plan,
+                            describe_summary, parse_shard, preset_dir, run_status, shard)
+from ablations.studies import PRESETS, STUDIES, Preset
 from ablations.workers import WorkerPool, cpu_groups, parse_cpus, pin_to_cpus, usable_cpus
 
 Log = Callable[[str], None]
@@ -34,20 +41,6 @@ Log = Callable[[str], None]
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def resolve_preset(name: str) -> Preset:
-    """The preset ``name``, or :class:`UsageError` listing the valid ones."""
-    try:
-        return get_preset(name)
-    except KeyError:
-        raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
-
-
-def check_readable_dir(path: Path, what: str) -> None:
-    """An existing ``path`` must be a listable directory (else :class:`UsageError`)."""
-    if path.exists() and (not path.is_dir() or not os.access(path, os.R_OK | os.X_OK)):
-        raise UsageError(f"{what} {str(path)!r} is not a readable directory")
 
 
 def quarantine(run_dir: Path, root: Path, log: Log) -> Path:
@@ -232,10 +225,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--cpus", default=None, metavar="LIST",
                         help="pin this process to these CPU cores, e.g. 0 or 0-3 (what --workers gives "
                              "its children)")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="do not run the measuring step when the preset's plan is complete")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ablations.run``: train what is missing, then measure once the preset's plan is done."""
     args = build_parser().parse_args(argv)
     if args.cpus is not None:  # before JAX starts its threads
         try:
@@ -270,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     writable_dir(root)
+    adopt_earlier_ids(root, runs, _log)
     where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
     pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in runs)
     workers = resolve_workers(args.workers, pending, args.multi_seed)
@@ -287,7 +284,29 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"{len(runs) - failed} of {len(runs)} complete")
     for rid, why in sweep.failed:
         print(f"failed: {rid}: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return 0 if args.only or args.no_measure else measure_if_complete(out, preset, args.data_dir)
+
+
+def measure_if_complete(out: Path, preset: Preset, data_dir: str | None) -> int:
+    """The measuring step, once every run of the preset's plan is done (the last shard or sweep to
+    finish runs it); returns the exit code: 0, or 1 when something could not be measured."""
+    root = preset_dir(out, preset)
+    plan = build_plan("all", preset, data_dir=data_dir)
+    pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in plan)
+    if pending:
+        _log(f"{pending} of {len(plan)} runs of preset {preset.name} not done yet: not measuring "
+             f"(python -m ablations.measure --preset {preset.name} --results {out} measures what is there)")
+        return 0
+    _log(f"every run of preset {preset.name} is done: measuring")
+    try:
+        problems = measure.measure_preset(out, preset, data_dir=data_dir, log=_log)
+    except UsageError as exc:
+        problems = [f"measuring failed: {str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}"]
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ Studies
   (``python -m ablations.run residual_readings --preset quick``).
 
 Presets are functions returning a :class:`Preset` (big_vision's ``get_config`` style); each docstring
-holds the command and the expected result. Change scale there: ``train`` (epochs, width, batch, ...),
-``seeds`` and ``width_seeds``.
+holds the command, the recipe and the expected outcome (its first sentence describes the preset in
+the report). Measured numbers (accuracies, timings) belong to the results and ``REPORT.md``, not to
+the docstrings. Change scale there: ``train`` (epochs, width, batch, ...), ``seeds`` and
+``width_seeds``. ``python -m ablations.run`` ends a sweep that completes the preset's plan with the
+measuring step (:mod:`ablations.measure`); ``python -m ablations.figures`` then renders the report.
 
 Every preset keeps the paper's BatchNorm decay (0.997) and evaluates with precise BatchNorm
 statistics, recording the running averages beside them (``eval_bn="both"``; see
@@ -33,6 +36,7 @@ statistics, recording the running averages beside them (``eval_bn="both"``; see
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -182,7 +186,7 @@ class Preset:
 
     ``seeds``: seeds per variant of the curve studies (fig6a, fig6b); ``width_seeds``: per width of
     fig5; ``widths``: restricts fig5's widths (None: all four). ``spiral_points``/``spiral_trials``,
-    ``fig7_images`` and ``latency_repeats`` size the figure step."""
+    ``fig7_images`` and ``latency_repeats`` size the measuring step (:mod:`ablations.measure`)."""
 
     name: str
     doc: str
@@ -194,6 +198,12 @@ class Preset:
     spiral_trials: int = 256
     fig7_images: int = 256
     latency_repeats: int = 50
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the preset's docstring: what it is, in one line (for the report)."""
+        paragraph = " ".join(self.doc.strip().split("\n\n")[0].split())
+        return re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
 
 
 def _preset(fn: Callable[[], Preset]) -> Callable[[], Preset]:
@@ -211,11 +221,13 @@ def smoke() -> Preset:
     need (each run's cost is compiling its train step). Accuracy is meaningless at this scale.
 
     Command: ``python -m ablations.run all --preset smoke && python -m ablations.figures --preset smoke``
-    Expected: every figure and REPORT.md produced; verdicts "not resolved at this scale".
+    (the sweep ends with the measuring step).
+    Expected: the measurements, every figure and REPORT.md produced; verdicts "not resolved at this
+    scale".
     """
     return Preset(
         name="smoke", doc=smoke.__doc__ or "",
-        train=_frozen({"model": "mobilenet_v2", "dataset": "digits", "preset": "imagenet", "width": 0.35,
+        train=_frozen({"model": "mobilenet_v2", "dataset": "digits", "layout": "imagenet", "width": 0.35,
                        "bottleneck_activation": "linear", "residual": "bottleneck", "eval_bn": "both",
                        "steps": 3, "batch_size": 32, "eval_every": 3}),
         seeds=1, width_seeds=1, widths=(0.35,),
@@ -225,24 +237,23 @@ def smoke() -> Preset:
 
 @_preset
 def quick() -> Preset:
-    """The README main job: every study with one seed on Fashion-MNIST, all figures, a few minutes on
-    2 CPU cores (5 distinct configurations: fig5 at widths 0.35 and 1.0 only; each run pays one
-    train-step compilation). One seed gives no interval, so the Fig. 6 verdicts read "not resolved
-    at this scale".
+    """The README main job: every study with one seed on Fashion-MNIST and all figures, sized for a
+    sweep of minutes on 2 CPU cores (5 distinct configurations: fig5 at widths 0.35 and 1.0 only; each
+    run pays one train-step compilation). One seed gives no interval, so the Fig. 6 verdicts read
+    "not resolved at this scale".
 
     Command: ``python -m ablations.run all --preset quick && python -m ablations.figures --preset quick``
     Expected: all figures; baseline test accuracy a little above 80% after 500 steps; every run ends
     within a few tenths of a point of its best evaluation.
     Recipe: the paper's RMSProp and learning rate with a 50-step linear warm-up and a cosine decay to
-    zero over the 500 steps. At the paper's per-epoch decay the rate stays at 0.045 for the whole run
-    (500 steps are under one epoch) and the network without shortcuts ended on a loss spike, 24 points
-    below its best evaluation. No crop/flip augmentation (it slows a network that underfits at this
-    budget).
+    zero over the 500 steps: at the paper's per-epoch decay the rate would stay at 0.045 for the whole
+    run (500 steps are under one epoch), where a run can end on a late loss spike far below its best
+    evaluation. No crop/flip augmentation (it slows a network that underfits at this budget).
     Scale knobs: ``steps`` below, ``widths``.
     """
     return Preset(
         name="quick", doc=quick.__doc__ or "",
-        train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "preset": "imagenet", "width": 0.35,
+        train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "layout": "imagenet", "width": 0.35,
                        "bottleneck_activation": "linear", "residual": "bottleneck", "eval_bn": "both",
                        "augment": False, "lr_schedule": "cosine", "warmup_steps": 50,
                        "steps": 500, "batch_size": 96, "eval_every": 100}),
@@ -255,8 +266,8 @@ def quick() -> Preset:
 def cpu() -> Preset:
     """The full CPU reproduction on Fashion-MNIST: 8 seeds per variant of fig6a and fig6b (4 distinct
     configurations, the baseline shared: 32 runs), one seed per width of fig5 (0.35, 0.5, 1.0): 34
-    runs, two side by side, one per core (``--workers auto``); a width-0.35 run takes about 4 minutes
-    on a core of its own, so the preset needs about 75 minutes on 2 otherwise idle cores.
+    runs, trained side by side, one per core (``--workers auto``). The sweep's log gives each run's
+    time, and the measurements record the machine the report's latencies come from.
 
     Command: ``python -m ablations.run all --preset cpu && python -m ablations.figures --preset cpu``
     Expected: baseline (linear bottleneck, bottleneck shortcuts) near 90% test accuracy after 6
@@ -267,7 +278,7 @@ def cpu() -> Preset:
 
     Recipe, chosen on Fashion-MNIST at width 0.35: the ``bneck1`` stride layout (Table 2 with its first
     stride-2 bottleneck stage at stride 1: 28 px keeps 14x14 through that stage and ends at 2x2, where
-    Table 2's strides end at 1x1 and level off near 88%); no augmentation (crop + flip slow down a
+    Table 2's strides reduce 28 px to 1x1); no augmentation (crop + flip slow down a
     network that underfits at this budget); the paper's RMSProp at twice its learning rate (0.09)
     with a 300-step linear warm-up and a cosine decay to zero over the 6 epochs, so that the rate
     anneals within the run.
@@ -275,7 +286,7 @@ def cpu() -> Preset:
     """
     return Preset(
         name="cpu", doc=cpu.__doc__ or "",
-        train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "preset": "bneck1", "width": 0.35,
+        train=_frozen({"model": "mobilenet_v2", "dataset": "fashion_mnist", "layout": "bneck1", "width": 0.35,
                        "bottleneck_activation": "linear", "residual": "bottleneck", "eval_bn": "both",
                        "augment": False, "lr": 0.09, "lr_schedule": "cosine", "warmup_steps": 300,
                        "epochs": 6, "batch_size": 96, "eval_every": 625}),
@@ -296,7 +307,7 @@ def cifar10() -> Preset:
     """
     return Preset(
         name="cifar10", doc=cifar10.__doc__ or "",
-        train=_frozen({"model": "mobilenet_v2", "dataset": "cifar10", "preset": "small", "width": 1.0,
+        train=_frozen({"model": "mobilenet_v2", "dataset": "cifar10", "layout": "small", "width": 1.0,
                        "bottleneck_activation": "linear", "residual": "bottleneck",
                        "epochs": 200, "batch_size": 128, "eval_every": 1000}),
         seeds=5, width_seeds=3,
@@ -317,7 +328,7 @@ def imagenet() -> Preset:
     return Preset(
         name="imagenet", doc=imagenet.__doc__ or "",
         train=_frozen({"model": "mobilenet_v2", "dataset": "imagefolder", "image_size": 224,
-                       "preset": "imagenet", "width": 1.0,
+                       "layout": "imagenet", "width": 1.0,
                        "bottleneck_activation": "linear", "residual": "bottleneck",
                        "optimizer": "paper", "steps": 7_000_000, "batch_size": 96, "eval_every": 50_000}),
         seeds=2, width_seeds=1,

@@ -11,7 +11,6 @@ and verification logic as a sequential sweep, its output in ``RESULTS/<preset>/_
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from manifold_lab.cli import UsageError
+from manifold_lab.train.run_dir import RunDir
 from ablations.plan import DONE, Run, describe_summary, run_status
 
 Log = Callable[[str], None]
@@ -67,7 +68,7 @@ def run_cost(run: Run) -> float:
     """Relative training cost of ``run``: multiply-adds per image x epochs (or steps). Only
     comparable between runs of one preset, which is what ordering them needs."""
     from manifold_lab.costs.analytic import model_costs
-    from manifold_lab.train.loop import model_config_for
+    from manifold_lab.train.network import model_config_for
     cfg = run.train_config().resolved()
     macs = model_costs(model_config_for(cfg, num_classes=10, in_channels=1), cfg.image_size or 32).madds
     return float(macs) * float(cfg.steps or cfg.epochs)
@@ -143,8 +144,8 @@ class WorkerPool:
         status, reason = run_status(self.root / run.run_id, run.expected_config())
         if status == DONE:
             try:
-                summary = json.loads((self.root / run.run_id / "summary.json").read_text())
-            except (OSError, ValueError):
+                summary = RunDir(self.root / run.run_id).summary()
+            except UsageError:
                 summary = None
             self.log(f"  done {run.run_id} in {elapsed:.1f}s: {describe_summary(summary)}")
             return

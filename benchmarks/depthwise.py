@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main  # noqa: E402
 from manifold_lab.models.depthwise import DEPTHWISE_FORMS, depthwise_conv, resolve_impl  # noqa: E402
-from manifold_lab.models.layers import output_size  # noqa: E402
+from manifold_lab.models.geometry import output_size  # noqa: E402
 
 #: (spatial size, channels, stride) of depthwise layers of the 224 px network.
 SHAPES: tuple[tuple[int, int, int], ...] = (

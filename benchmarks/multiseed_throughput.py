@@ -32,13 +32,13 @@ from ablations.workers import cpu_groups, usable_cpus
 from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.atomic import atomic_write_json
 from manifold_lab.cli import ArgumentParser, positive_int, run_main
-from manifold_lab.models.config import PRESETS
+from manifold_lab.models.config import LAYOUTS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_flags(args) -> list[str]:
-    return ["--dataset", "fashion_mnist", "--width", str(args.width), "--preset", args.layout,
+    return ["--dataset", "fashion_mnist", "--width", str(args.width), "--layout", args.layout,
             "--bn-decay", "0.99", "--no-augment", "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--log-every", str(args.log_every),
             "--eval-every", str(10 * args.steps), "--checkpoint-every", str(10 * args.steps), "--quiet"]
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=300, help="per run (at least 3 log lines)")
     parser.add_argument("--log-every", type=positive_int, default=50)
     parser.add_argument("--width", type=float, default=0.35)
-    parser.add_argument("--layout", choices=PRESETS, default="imagenet", help="stride layout (default imagenet)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="imagenet", help="stride layout (default imagenet)")
     parser.add_argument("--batch-size", type=positive_int, default=96)
     parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")

@@ -3,7 +3,7 @@ backend) and PyTorch 2 (CPU), in one run.
 
 Cases:
 
-- ``a``: 32 px, 10 classes, width 1.0, ``imagenet`` preset (Table 2 strides), batch 128;
+- ``a``: 32 px, 10 classes, width 1.0, ``imagenet`` layout (Table 2 strides), batch 128;
 - ``b``: the same at width 0.5;
 - ``c``: 224 px, 1000 classes, width 1.0, batch 32.
 
@@ -74,7 +74,7 @@ class Case:
     inference: bool
 
     def config(self) -> MobileNetV2Config:
-        return model_config("mobilenet_v2", width=self.width, preset="imagenet", num_classes=self.classes,
+        return model_config("mobilenet_v2", width=self.width, layout="imagenet", num_classes=self.classes,
                             in_channels=3)
 
     def label(self) -> str:

@@ -1,6 +1,7 @@
-"""Ablation sweeps: statistics, the run plan (ids, dedup, shards), the resumable runner, the figures
-and the report. Most tests use a fake trainer that writes run directories in the trainer's exact
-format (config.json, metrics.jsonl, summary.json); the last one runs the real ``smoke`` preset."""
+"""Ablation sweeps: statistics, the run plan (ids, dedup, shards), the resumable runner, the
+measuring step, the figures and the report. Most tests use a fake trainer that writes run
+directories in the trainer's exact format (config.json, metrics.jsonl, summary.json); the last one
+runs the real ``smoke`` preset."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,16 +137,15 @@ def _fake_accuracy(cfg) -> float:
 
 
 def _write_fake_run(cfg, run_dir: Path) -> dict:
-    """A finished run in the trainer's format (records.* writers, the same digest and resolved keys)."""
-    from manifold_lab.train import records
-    from manifold_lab.train.loop import model_config_for
+    """A finished run in the trainer's format (RunDir writers, the same digest and resolved keys)."""
+    from manifold_lab.train.network import model_config_for
+    from manifold_lab.train.run_dir import RunDir, config_digest
 
     cfg = cfg.resolved()
     run_dir.mkdir(parents=True, exist_ok=True)
     steps = cfg.steps or 3
     resolved = {"total_steps": steps, "steps_per_epoch": 44, "num_classes": 10, "image_shape": [32, 32, 1]}
-    records.write_config(run_dir, cfg.to_dict(), resolved,
-                         dataclasses.asdict(model_config_for(cfg, 10, 1)), {})
+    RunDir(run_dir).write_config(cfg.to_dict(), resolved, dataclasses.asdict(model_config_for(cfg, 10, 1)), {})
     final = _fake_accuracy(cfg)
     lines = [{"step": s, "epoch": s / 44, "loss": 1.0 / s, "train_accuracy": 0.5, "learning_rate": 0.045,
               "images_per_second": 100.0, "test_accuracy": final - 0.1 * (steps - s) / steps, "test_loss": 0.5}
@@ -152,16 +154,22 @@ def _write_fake_run(cfg, run_dir: Path) -> dict:
     (run_dir / "checkpoints" / str(steps)).mkdir(parents=True, exist_ok=True)
     summary = {"final_test_accuracy": final, "final_test_loss": 0.5, "steps": steps, "epochs": steps / 44,
                "wall_time_s": 1.0, "train_images_per_second": 100.0, "params": 1,
-               "config_sha256": records.config_digest(cfg.to_dict())}
-    records.write_summary(run_dir, summary)
+               "config_sha256": config_digest(cfg.to_dict())}
+    RunDir(run_dir).write_summary(summary)
     return summary
 
 
 class FakeTrainer:
-    """Counts calls; writes complete runs."""
+    """Counts calls; writes complete runs. Records the measuring step's calls instead of measuring
+    (fake runs have no weights)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[int, ...], bool]] = []
+        self.measured: list[tuple[Path, str]] = []
+
+    def measure(self, results, preset, **_):
+        self.measured.append((Path(results), preset.name))
+        return []
 
     def train(self, cfg, run_dir, resume=False, **_):
         run_dir = Path(run_dir)
@@ -175,12 +183,18 @@ class FakeTrainer:
         return [_write_fake_run(cfg.replace(seed=s), Path(d)) for s, d in zip(seeds, run_dirs)]
 
 
-@pytest.fixture
-def fake_trainer(monkeypatch):
+def _patch_trainer(monkeypatch, fake: FakeTrainer) -> None:
     import manifold_lab.train as trainer
-    fake = FakeTrainer()
+    from ablations import measure
     monkeypatch.setattr(trainer, "train", fake.train)
     monkeypatch.setattr(trainer, "train_seeds", fake.train_seeds)
+    monkeypatch.setattr(measure, "measure_preset", fake.measure)
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    fake = FakeTrainer()
+    _patch_trainer(monkeypatch, fake)
     return fake
 
 
@@ -208,6 +222,20 @@ def test_runner_trains_missing_runs_once_and_resume_skips_finished(tmp_path, cap
     fake_trainer.calls.clear()
     code, out, _ = _run(["all", "--preset", "smoke", "--out", str(tmp_path)], capsys)
     assert code == 0 and fake_trainer.calls == [] and out.count("done, skipped") == 4
+
+
+def test_runner_measures_once_every_run_of_the_preset_is_done(tmp_path, capsys, fake_trainer):
+    """The measuring step follows the sweep that completes the preset's plan (not a partial one,
+    not a worker's single run, not with --no-measure)."""
+    code, out, _ = _run(["fig6a", "--preset", "smoke", "--out", str(tmp_path)], capsys)
+    assert code == 0 and fake_trainer.measured == [] and "2 of 4 runs of preset smoke not done yet" in out
+    rid = build_plan("fig6b", get_preset("smoke"))[0].run_id
+    assert _run(["fig6b", "--preset", "smoke", "--out", str(tmp_path), "--only", rid], capsys)[0] == 0
+    assert _run(["fig6b", "--preset", "smoke", "--out", str(tmp_path), "--no-measure"], capsys)[0] == 0
+    assert fake_trainer.measured == []
+    code, out, _ = _run(["fig6b", "--preset", "smoke", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "every run of preset smoke is done: measuring" in out
+    assert fake_trainer.measured == [(tmp_path, "smoke")]
 
 
 def test_runner_uses_multi_seed_training_per_configuration(tmp_path, capsys, fake_trainer):
@@ -316,33 +344,85 @@ def test_unreadable_results_folder_exits_2(tmp_path, capsys):
     code, _, err = _run(["all", "--preset", "smoke", "--out", str(not_a_dir)], capsys)
     assert code == 2 and "not a readable directory" in err and len(err.strip().splitlines()) == 1
     from ablations.figures import main as figures_main
+    from ablations.measure import main as measure_main
     for results in (not_a_dir, tmp_path / "absent"):
-        code = run_main(figures_main, ["--results", str(results), "--out", str(tmp_path / "f")], prog="f")
-        err = capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1
+        for main, argv in ((figures_main, ["--out", str(tmp_path / "f")]), (measure_main, [])):
+            code = run_main(main, ["--results", str(results), *argv], prog="f")
+            err = capsys.readouterr().err
+            assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ measure
+
+
+def _measure(argv, capsys=None) -> tuple[int, str]:
+    from ablations.measure import main
+    code = run_main(main, argv, prog="python -m ablations.measure")
+    return code, capsys.readouterr().err if capsys is not None else ""
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "smoke", "--only", "fig6a"], "--only: unknown measurement 'fig6a'"),
+    (["--preset", "smoke", "--bogus"], "unrecognized arguments"),
+])
+def test_measure_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, capsys):
+    (tmp_path / "smoke").mkdir()
+    code, err = _measure([*argv, "--results", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_measure_lists_what_it_cannot_measure(tmp_path, capsys):
+    """Missing runs: nothing written for them, one line each, exit code 1; what needs no run is measured."""
+    from ablations.measurements import read_measurement
+    root = tmp_path / "smoke"
+    root.mkdir()
+    code, err = _measure(["--results", str(tmp_path), "--only", "fig7", "--only", "fig5", "--only", "tables"],
+                         capsys)
+    assert code == 1
+    assert [line.split(":")[1].strip() for line in err.splitlines()] == ["fig7", "fig5"]
+    assert "no completed baseline run (seed 0)" in err and "python -m ablations.run fig7 --preset smoke" in err
+    assert read_measurement(root, "fig7") is None and read_measurement(root, "tables").status == "measured"
 
 
 # ------------------------------------------------------------------------------------------ figures
 
 
-def test_figures_and_report_from_fake_results(tmp_path, capsys, fake_trainer, monkeypatch):
+@pytest.fixture(scope="module")
+def fake_results(tmp_path_factory):
+    """A results folder of fake runs (fig6a at 3 seeds, fig6b at 1 with its "none" run lost) and its
+    measurements, with the trainer's initialisation standing in for the trained weights."""
     import manifold_lab.train as trainer
-    from ablations import figures
+    from ablations import measure
+    from ablations.run import main as run
 
-    results, out = tmp_path / "results", tmp_path / "figures"
-    for study, seeds in (("fig6a", "3"), ("fig6b", "1")):
-        assert _run([study, "--preset", "smoke", "--seeds", seeds, "--out", str(results)], capsys)[0] == 0
+    results = tmp_path_factory.mktemp("fake") / "results"
+    with pytest.MonkeyPatch.context() as mp:
+        _patch_trainer(mp, FakeTrainer())
+        for study, seeds in (("fig6a", "3"), ("fig6b", "1")):
+            argv = [study, "--preset", "smoke", "--seeds", seeds, "--out", str(results), "--workers", "1"]
+            assert run_main(run, argv, prog="run") == 0
     none_run = next(r for r in build_plan("fig6b", get_preset("smoke")) if ("fig6b", "none") in r.members)
     shutil.rmtree(results / "smoke" / none_run.run_id)
-    # fake runs have no weights: the "trained" model is the trainer's initialisation
-    monkeypatch.setattr(trainer, "restore_model", lambda run_dir, **_: figures.initial_model(Path(run_dir)))
-    code = run_main(figures.main, ["--results", str(results), "--out", str(out)], prog="figures")
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
+    with pytest.MonkeyPatch.context() as mp:  # fake runs have no weights: "trained" = initialisation
+        mp.setattr(trainer, "restore_model", lambda run_dir, **_: measure.initial_model(Path(run_dir)))
+        assert run_main(measure.main, ["--results", str(results)], prog="measure") == 0
+    return results
+
+
+def _render(results: Path, out: Path, *extra: str) -> str:
+    from ablations import figures
+    code = run_main(figures.main, ["--results", str(results), "--out", str(out), *extra], prog="figures")
+    assert code == 0
+    return (out / "REPORT.md").read_text()
+
+
+def test_figures_and_report_from_fake_results(tmp_path, fake_results):
+    out = tmp_path / "figures"
+    report = _render(fake_results, out)
     for name in ("fig1_spiral.png", "fig1_theorem1.png", "spiral_metrics.json", "fig6a.png", "fig6b.png",
                  "fig5.png", "fig7.png", "tables.md", "REPORT.md"):
         assert (out / name).stat().st_size > 0, name
-    report = (out / "REPORT.md").read_text()
     assert report.startswith("<!-- Generated")
     # fig6a: relu6 is 3 points worse in every seed -> the paper's sign, interval excludes 0
     assert "| Relu6 in bottleneck − Linear bottleneck | -0.65 | -3.00 [" in report
@@ -362,21 +442,83 @@ def test_figures_and_report_from_fake_results(tmp_path, capsys, fake_trainer, mo
     assert "Table 2" in tables and "1600" in tables and "400" in tables
     assert "MobileNetV1 (1.0), untrained" in tables and "CPU latency" in tables
     assert "Theorem 1: expected collapsed fraction | reproduced" in report
+    # where the measured numbers come from, and no preset docstring beyond its first sentence
+    assert "## Measurements" in report and "measured by `ablations.measure` on CPU" in report
+    assert f"Preset: {get_preset('smoke').summary}\n" in report and "Command:" not in report
     # a second results folder of the same preset: its Fig. 6 verdicts are listed beside these
-    code = run_main(figures.main, ["--results", str(results), "--out", str(out), "--replicate", str(results),
-                                   "--replicate-note", "the same runs"], prog="figures")
-    assert code == 0, capsys.readouterr().err
-    report = (out / "REPORT.md").read_text()
+    report = _render(fake_results, out, "--replicate", str(fake_results), "--replicate-note", "the same runs")
     assert "## Second run with another float rounding" in report and "The same comparisons in the same runs" in report
     agree = next(line for line in report.splitlines() if "Verdicts agree in" in line)
     total = agree.split("Verdicts agree in ")[1].split(" of ")
     assert total[0] == total[1].rstrip(".")
 
 
+def test_rendering_twice_gives_the_same_bytes(tmp_path, fake_results):
+    """Rendering reads files only: the same folder gives byte-identical outputs, figures included."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    _render(fake_results, first)
+    _render(fake_results, second)
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir()) and "REPORT.md" in names and "fig7.png" in names
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_figures_from_measurements_equal_the_experiments_own(tmp_path, fake_results):
+    """The Fig. 1 panels drawn from the measurement file are the spiral module's own figure."""
+    import matplotlib.image as mpimg
+    from manifold_lab.spiral import run_experiment, write_outputs
+    preset = get_preset("smoke")
+    _render(fake_results, tmp_path / "out")
+    result = run_experiment(points=preset.spiral_points, trials=preset.spiral_trials, seed=0)
+    write_outputs(result, tmp_path / "direct", figure_name="fig1_spiral.png", theorem_name="fig1_theorem1.png")
+    for name in ("fig1_spiral.png", "fig1_theorem1.png"):
+        assert (mpimg.imread(tmp_path / "out" / name) == mpimg.imread(tmp_path / "direct" / name)).all(), name
+    assert json.loads((tmp_path / "out" / "spiral_metrics.json").read_text()) == json.loads(
+        (tmp_path / "direct" / "spiral_metrics.json").read_text())
+
+
+def test_figures_render_in_a_process_without_jax(tmp_path, fake_results):
+    """``import jax`` fails in the rendering process: the report still renders, to the same bytes."""
+    _render(fake_results, tmp_path / "with_jax")
+    script = ("import sys; sys.modules['jax'] = None\n"
+              "from manifold_lab.cli import run_main\nfrom ablations.figures import main\n"
+              f"sys.exit(run_main(main, {['--results', str(fake_results), '--out', str(tmp_path / 'no_jax')]!r}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    for name in ("REPORT.md", "tables.md", "fig7.png", "fig1_spiral.png"):
+        assert (tmp_path / "no_jax" / name).read_bytes() == (tmp_path / "with_jax" / name).read_bytes(), name
+
+
+def test_report_names_missing_or_stale_measurements(tmp_path, fake_results):
+    """No crash without measurements: each section says what is missing and the command that makes it."""
+    results = tmp_path / "results"
+    shutil.copytree(fake_results, results)
+    measured = results / "smoke" / "measurements"
+    for name in ("fig7", "spiral", "tables"):
+        (measured / f"{name}.json").unlink()
+    fig5 = json.loads((measured / "fig5.json").read_text())
+    fig5["inputs"]["runs"]["w0.35"]["run"] = "another-run-s0"
+    (measured / "fig5.json").write_text(json.dumps(fig5))
+    out = tmp_path / "f"
+    report = _render(results, out)
+    command = "python -m ablations.measure --preset smoke --results RESULTS --only"
+    assert f"not measured yet: run `{command} fig7`" in report and f"`{command} spiral`" in report
+    assert f"refresh it with `{command} fig5`" in report
+    summary = [line for line in report.splitlines() if line.endswith("| skipped: not measured |")]
+    assert len(summary) == 4  # the three spiral claims and Fig. 7
+    assert "| fig6a: Relu6 in bottleneck − Linear bottleneck (< 0 in the paper) | reproduced |" in report
+    tables = (out / "tables.md").read_text()
+    assert f"`{command} tables`" in tables and f"`{command} fig5`" in tables
+    assert not (out / "fig7.png").exists() and not (out / "fig5.png").exists()
+
+
 def test_figures_skip_missing_studies_with_a_note(tmp_path, capsys):
     from ablations import figures
     results = tmp_path / "results"
     (results / "smoke").mkdir(parents=True)
+    assert _measure(["--results", str(results), "--only", "spiral", "--only", "tables"])[0] == 0
     code = run_main(figures.main, ["--results", str(results), "--out", str(tmp_path / "f")], prog="figures")
     assert code == 0, capsys.readouterr().err
     report = (tmp_path / "f" / "REPORT.md").read_text()
@@ -392,7 +534,8 @@ def test_figures_skip_missing_studies_with_a_note(tmp_path, capsys):
 
 def test_real_smoke_preset_end_to_end(tmp_path, capsys):
     """Every study of the smoke preset through the real trainer (in worker processes, one per core,
-    where there are two cores), then every figure from its results."""
+    where there are two cores), the measuring step that ends the sweep, then every figure from the
+    results and measurements."""
     from ablations import figures
 
     results, out = tmp_path / "results", tmp_path / "figures"
@@ -403,11 +546,14 @@ def test_real_smoke_preset_end_to_end(tmp_path, capsys):
     preset = get_preset("smoke")
     runs = build_plan("all", preset)
     assert all(_status(preset_dir(results, preset), r) == DONE for r in runs)
+    assert "every run of preset smoke is done: measuring" in log
+    measured = sorted(p.name for p in (preset_dir(results, preset) / "measurements").iterdir())
+    assert measured == ["fig5.json", "fig7.json", "spiral.json", "tables.json"]
     code = run_main(figures.main, ["--results", str(results), "--out", str(out), "--preset", "smoke"],
                     prog="figures")
     assert code == 0, capsys.readouterr().err
     for name in ("fig6a.png", "fig6b.png", "fig5.png", "fig7.png", "tables.md", "REPORT.md"):
         assert (out / name).exists(), name
     report = (out / "REPORT.md").read_text()
-    assert "Skipped" not in report
+    assert "Skipped" not in report and "not measured" not in report
     assert set(ALL_STUDIES) <= {name for name in STUDIES if name in report}

@@ -19,7 +19,7 @@ from manifold_lab.models import build_model
 from manifold_lab.train import TrainConfig, restore_model, train
 from manifold_lab.train import bn_stats
 from manifold_lab.train.__main__ import main as cli_main
-from manifold_lab.train.loop import model_config_for, model_init_fn
+from manifold_lab.train.network import model_config_for, model_init_fn
 from manifold_lab.train.step import split_state
 
 CFG = TrainConfig(dataset="digits", image_size=16, width=0.35, batch_size=16, steps=1, log_every=1,
@@ -104,7 +104,7 @@ def _variances(tree, path=()):
 def test_running_averages_after_one_step_are_the_first_batch_statistics(tmp_path: Path) -> None:
     """Zero-debiasing in the engine: after one step at the paper's decay 0.997 the running averages
     are the first batch's statistics under the initial weights, not 0.3% of the way from 0/1."""
-    cfg = CFG.replace(bn_momentum=0.997, augment=False)
+    cfg = CFG.replace(bn_decay=0.997, augment=False)
     train(cfg, tmp_path / "run", verbose=False)
     restored = split_state(restore_model(tmp_path / "run"))[2]
     train_data, model, spec = _digits_setup(batch_size=16)
@@ -123,7 +123,7 @@ def test_short_run_evaluates_close_to_its_training_accuracy(tmp_path: Path) -> N
     evaluate within a few points of the training accuracy; both protocols are recorded."""
     out = tmp_path / "digits"
     code = run_main(cli_main, ["--dataset", "digits", "--image-size", "16", "--width", "0.35",
-                               "--preset", "small", "--batch-size", "64", "--seed", "5", "--steps", "80",
+                               "--layout", "small", "--batch-size", "64", "--seed", "5", "--steps", "80",
                                "--eval-bn", "both", "--quiet", "--out", str(out)], prog="train")
     assert code == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ from manifold_lab.costs.__main__ import main
 from manifold_lab.costs.analytic import input_taps
 from manifold_lab.costs.published import SLIM_CHECKPOINTS, TABLE2
 from manifold_lab.models import MobileNetV1Config, MobileNetV2Config, build_model
-from manifold_lab.models.layers import pad_amounts
+from manifold_lab.models.geometry import pad_amounts
 
 
 def test_paper_counts_width_1_224():
@@ -91,9 +91,9 @@ def test_residual_switch_same_costs(residual):
 
 @pytest.mark.parametrize("config", [
     MobileNetV2Config(), MobileNetV2Config(width=0.35), MobileNetV2Config(width=1.4),
-    MobileNetV2Config(width=0.5, preset="small", num_classes=10, in_channels=1),
+    MobileNetV2Config(width=0.5, layout="small", num_classes=10, in_channels=1),
     MobileNetV1Config(), MobileNetV1Config(width=0.25), MobileNetV1Config(width=0.75, num_classes=10),
-], ids=lambda c: f"{type(c).__name__}-{c.width}-{c.preset}")
+], ids=lambda c: f"{type(c).__name__}-{c.width}-{c.layout}")
 def test_flax_model_counts_equal_analytic(config):
     counted = abstract_param_count(config)
     costs = model_costs(config, 224)
@@ -186,7 +186,7 @@ def test_cli_json(capsys):
 
 def test_cli_text_and_v1(capsys):
     code, out, _ = _cli(["--model", "mobilenet_v1", "--width", "0.5", "--resolution", "128",
-                         "--classes", "10", "--preset", "small"], capsys)
+                         "--classes", "10", "--layout", "small"], capsys)
     assert code == 0
     assert "layer13/pointwise" in out and "multiply-adds" in out
 
@@ -209,7 +209,7 @@ def test_cli_tables(table, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--width", "0"], ["--width", "x"], ["--resolution", "0"],
-                                  ["--model", "resnet"], ["--table", "nope"], ["--preset", "big"],
+                                  ["--model", "resnet"], ["--table", "nope"], ["--layout", "big"],
                                   ["--table", "table2", "--model", "mobilenet_v1"], ["--bogus"]])
 def test_cli_bad_flags_exit_2(argv, capsys):
     code, out, err = _cli(argv, capsys)

@@ -28,7 +28,8 @@ from manifold_lab.models import (
     resolve_impl,
     weight_decay_mask,
 )
-from manifold_lab.models.config import PRESETS, BottleneckStage
+from manifold_lab.models.config import LAYOUTS, BottleneckStage
+from manifold_lab.models.backend import backend_for
 from manifold_lab.models.depthwise import DEPTHWISE_FORMS
 
 
@@ -98,8 +99,8 @@ def test_table2_shapes_at_224():
 
 
 @pytest.mark.parametrize("size, padding", [(32, "same"), (28, "same"), (32, "symmetric"), (28, "symmetric")])
-def test_small_preset_ends_at_4x4(size, padding):
-    cfg = model_config("mobilenet_v2", width=0.5, preset="small", num_classes=10, in_channels=1,
+def test_small_layout_ends_at_4x4(size, padding):
+    cfg = model_config("mobilenet_v2", width=0.5, layout="small", num_classes=10, in_channels=1,
                        padding=padding)
     acts = abstract_acts(cfg, size, batch=3)
     assert acts["stem"].shape[1:3] == (size, size)
@@ -107,26 +108,26 @@ def test_small_preset_ends_at_4x4(size, padding):
     assert acts["logits"].shape == (3, 10)
 
 
-def test_stem1_preset_ends_at_2x2_at_28px():
+def test_stem1_layout_ends_at_2x2_at_28px():
     """Only the stem runs at stride 1: 28 -> 28 (stem) -> 14 -> 7 -> 4 -> 2; same parameters."""
     kw = dict(width=0.35, num_classes=10, in_channels=1)
-    acts = abstract_acts(model_config("mobilenet_v2", preset="stem1", **kw), 28, batch=2)
+    acts = abstract_acts(model_config("mobilenet_v2", layout="stem1", **kw), 28, batch=2)
     assert acts["stem"].shape[1:3] == (28, 28)
     assert acts["head"].shape == (2, 2, 2, 1280)
-    counts = [count_params(abstract(model_config("mobilenet_v2", preset=p, **kw)))["params"] for p in PRESETS]
-    assert counts == [counts[0]] * len(PRESETS) == [408_650] * len(PRESETS)
+    counts = [count_params(abstract(model_config("mobilenet_v2", layout=p, **kw)))["params"] for p in LAYOUTS]
+    assert counts == [counts[0]] * len(LAYOUTS) == [408_650] * len(LAYOUTS)
 
 
-def test_bneck1_preset_keeps_14x14_through_the_first_stride2_stage_at_28px():
+def test_bneck1_layout_keeps_14x14_through_the_first_stride2_stage_at_28px():
     """Stem at stride 2, the 24-channel stage at 1: 28 -> 14 (stem) -> 14 -> 7 -> 4 -> 2."""
-    cfg = model_config("mobilenet_v2", preset="bneck1", width=0.35, num_classes=10, in_channels=1)
+    cfg = model_config("mobilenet_v2", layout="bneck1", width=0.35, num_classes=10, in_channels=1)
     acts = abstract_acts(cfg, 28, batch=2)
     assert acts["stem"].shape[1:3] == (14, 14)
     assert acts["block02/projection"].shape == (2, 14, 14, 8)
     assert acts["block03/depthwise"].shape == (2, 7, 7, 48)
     assert acts["head"].shape == (2, 2, 2, 1280)
-    madds = {p: model_costs(model_config("mobilenet_v2", preset=p, width=0.35, num_classes=10,
-                                         in_channels=1), 28).madds for p in PRESETS}
+    madds = {p: model_costs(model_config("mobilenet_v2", layout=p, width=0.35, num_classes=10,
+                                         in_channels=1), 28).madds for p in LAYOUTS}
     assert madds["imagenet"] < madds["bneck1"] < madds["stem1"] < madds["small"]
 
 
@@ -145,7 +146,7 @@ def test_residual_switch_keeps_parameters_and_counts_shortcuts():
 
 
 def test_compute_dtype_keeps_params_float32():
-    cfg = model_config("mobilenet_v2", width=0.35, preset="small", num_classes=10, compute_dtype="bfloat16")
+    cfg = model_config("mobilenet_v2", width=0.35, layout="small", num_classes=10, compute_dtype="bfloat16")
     model = abstract(cfg)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float32)}
     acts = abstract_acts(cfg, 32)
@@ -165,7 +166,7 @@ def test_mobilenet_v1_size_and_capture():
     assert acts["logits"].shape == (1, 1000)
     half = abstract(model_config("mobilenet_v1", width=0.5))
     assert half.layers[-1].pointwise.kernel.shape == (1, 1, 512, 512)
-    small = abstract_acts(model_config("mobilenet_v1", preset="small", num_classes=10), 32)
+    small = abstract_acts(model_config("mobilenet_v1", layout="small", num_classes=10), 32)
     assert small["layer12/pointwise"].shape == (1, 4, 4, 1024)
 
 
@@ -211,7 +212,8 @@ def test_fused_batch_norm_gradient_equals_autodiff(act):
     """The hand-written VJP of training-mode BatchNorm + activation equals autodiff of the textbook
     composite (biased batch variance) for the input, scale and bias; the running averages move by
     (1 - decay) towards the batch statistics."""
-    from manifold_lab.models.layers import activation, batch_norm_act
+    from manifold_lab.models.activations import activation
+    from manifold_lab.models.batchnorm import batch_norm_act
     kx, ks, kb, kw = jax.random.split(jax.random.key(7), 4)
     x = 3.0 * jax.random.normal(kx, (4, 5, 5, 8)) + 1.0
     scale, bias = jax.random.normal(ks, (8,)) + 1.0, jax.random.normal(kb, (8,))
@@ -267,7 +269,8 @@ def test_pointwise_matmul_equals_convolution():
 def test_im2col_convolution_equals_xla(in_channels, stride, padding):
     """ConvBN computes convolutions with few input channels (the stem) as one matmul over the
     stacked windows; its output and both gradients equal XLA's convolution."""
-    from manifold_lab.models.layers import IM2COL_MAX_DEPTH, ConvBN
+    from manifold_lab.models.convolution import IM2COL_MAX_DEPTH
+    from manifold_lab.models.layers import ConvBN
     assert 3 * 3 * in_channels <= IM2COL_MAX_DEPTH  # the im2col path is the one under test
     kx, kg = jax.random.split(jax.random.key(in_channels * 10 + stride))
     x = jax.random.normal(kx, (2, 9, 8, in_channels))
@@ -275,7 +278,7 @@ def test_im2col_convolution_equals_xla(in_channels, stride, padding):
     cot = jax.random.normal(kg, (2, out_h, out_w, 6))
 
     def im2col(x, kernel):
-        inner = ConvBN(in_channels, 6, kernel_size=3, stride=stride, padding=padding, impl="xla",
+        inner = ConvBN(in_channels, 6, kernel_size=3, stride=stride, padding=padding, backend=backend_for("xla"),
                        rngs=nnx.Rngs(0))
         inner.kernel[...] = kernel
         return inner.conv(x)
@@ -333,7 +336,7 @@ def test_padding_geometry():
 #: block, stride-1 and stride-2 stages, 4 bottleneck and 4 expansion shortcuts at width 0.35.
 SHORT_STAGES = (BottleneckStage(1, 16, 1, 1), BottleneckStage(6, 24, 2, 2), BottleneckStage(6, 32, 3, 2),
                 BottleneckStage(6, 64, 1, 2))
-SMALL = dict(width=0.35, preset="small", num_classes=10, in_channels=3, stages=SHORT_STAGES)
+SMALL = dict(width=0.35, layout="small", num_classes=10, in_channels=3, stages=SHORT_STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +469,7 @@ def test_train_and_eval_modes(images, reference_state):
     assert len(jax.tree.leaves(stats)) == 2 * (2 + 3 * 7 - 1) and all(changed(stats, train_rest))
     batch_mean = np.asarray(model.stem.conv(images)).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(np.asarray(train_rest["stem"]["bn"]["mean"][...]),
-                               (1 - cfg.bn_momentum) * batch_mean, rtol=1e-4, atol=1e-7)
+                               (1 - cfg.bn_decay) * batch_mean, rtol=1e-4, atol=1e-7)
 
     @jax.jit
     def evaluate(params, rest):

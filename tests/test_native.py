@@ -17,9 +17,12 @@ import pytest
 from flax import nnx
 
 from manifold_lab import native
-from manifold_lab.models import build_model, depthwise_conv, model_config, output_size, pad_amounts, resolve_impl
-from manifold_lab.models.depthwise import _bn_act_depthwise_train, fused_inference_depthwise
-from manifold_lab.models.layers import _bn_act_train, _im2col_conv, _native_conv, activation, uses_native
+from manifold_lab.models import (backend_for, build_model, depthwise_conv, model_config, output_size, pad_amounts,
+                                 resolve_impl)
+from manifold_lab.models.activations import activation
+from manifold_lab.models.batchnorm import _bn_act_train
+from manifold_lab.models.convolution import im2col_conv
+from manifold_lab.native.ops import bn_act_depthwise_train, fused_inference_depthwise, native_conv
 
 
 def value_and_grads(impl: str, x, kernel, cot, stride: int, padding: str):
@@ -155,12 +158,12 @@ def test_model_inference_native_equals_shift(residual):
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
     logits = {}
     for impl in ("native", "shift"):
-        cfg = model_config("mobilenet_v2", width=0.35, preset="small", num_classes=10, in_channels=3,
+        cfg = model_config("mobilenet_v2", width=0.35, layout="small", num_classes=10, in_channels=3,
                            depthwise_impl=impl, residual=residual)
         model = build_model(cfg, rngs=nnx.Rngs(0))
         model(x, train=True, dropout_key=jax.random.key(2))  # non-trivial running statistics
         logits[impl] = jax.jit(lambda x, m=model: m(x, train=False))(x)
-        _, captured = model(x, train=False, capture=True)  # the unfused path keeps every intermediate
+        _, captured = model(x, train=False, capture=True)  # every intermediate, folded ones computed aside
         assert all(value is not None for value in captured.values())
     assert float(jnp.max(jnp.abs(logits["shift"]))) > 0.01
     np.testing.assert_allclose(np.asarray(logits["native"]), np.asarray(logits["shift"]), atol=1e-5, rtol=1e-4)
@@ -187,7 +190,7 @@ def test_mobilenet_v1_inference_native_equals_shift():
 def test_native_batch_norm_equals_jax(shape, act):
     """Training BatchNorm + activation with the native channel reductions: the same output, batch
     statistics and gradients as the pure-JAX reductions, bit-identical on a second run."""
-    assert uses_native("native", jnp.zeros(shape), "batchnorm")
+    assert backend_for("native").native_for(jnp.zeros(shape))
     kx, ks, kb, kg = jax.random.split(jax.random.key(5), 4)
     x = 2.0 * jax.random.normal(kx, shape) + 0.5  # a non-zero mean; ReLU6 reaches both bounds
     scale, bias = 1.0 + jax.random.normal(ks, shape[-1:]), jax.random.normal(kb, shape[-1:])
@@ -223,7 +226,7 @@ def test_fused_training_equals_composition(size, channels, stride, padding, act)
     zeros = jnp.zeros(channels)
 
     def fused(x, k, s, b):
-        return _bn_act_depthwise_train(x, k[:, :, 0, :], s, b, 1e-3, act, stride, pads)
+        return bn_act_depthwise_train(x, k[:, :, 0, :], s, b, 1e-3, act, stride, pads)
 
     def composed(x, k, s, b):
         y, mean, var = _bn_act_train(x, s, b, 1e-3, act, False)
@@ -249,7 +252,7 @@ def test_model_training_native_equals_shift(residual):
     labels = jnp.arange(8) % 10
     results = {}
     for impl in ("native", "shift"):
-        cfg = model_config("mobilenet_v2", width=0.35, preset="small", num_classes=10, in_channels=3,
+        cfg = model_config("mobilenet_v2", width=0.35, layout="small", num_classes=10, in_channels=3,
                            depthwise_impl=impl, residual=residual)
         graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
@@ -285,12 +288,12 @@ def test_native_conv_equals_im2col(size, c_in, c_out, stride, padding):
     kx, kk, kg = jax.random.split(jax.random.key(11), 3)
     x = jax.random.normal(kx, (2, *size, c_in))
     kernel = jax.random.normal(kk, (3, 3, c_in, c_out))
-    assert uses_native("native", x, "conv")
+    assert backend_for("native").native_for(x)
     pads = tuple(pad_amounts(n, 3, stride, padding) for n in size)
     out_size = tuple(output_size(n, 3, stride, padding) for n in size)
     cot = jax.random.normal(kg, (2, *out_size, c_out))
     results = []
-    for conv in (_native_conv, _im2col_conv):
+    for conv in (native_conv, im2col_conv):
         y, vjp = jax.jit(lambda x, k, conv=conv: jax.vjp(lambda x, k: conv(x, k, stride, pads), x, k))(x, kernel)
         results.append((y, *vjp(cot)))
     assert results[0][0].shape == (2, *out_size, c_out)

@@ -27,7 +27,7 @@ FORMS = ("xla", "shift") + (("native",) if native.load("depthwise") is not None 
 #: native form's fused expansion), at width 0.35 and 32 px
 STAGES = (BottleneckStage(1, 16, 1, 1), BottleneckStage(6, 24, 2, 2), BottleneckStage(6, 32, 3, 2),
           BottleneckStage(6, 64, 1, 2))
-SMALL = dict(width=0.35, preset="small", num_classes=10, in_channels=3, stages=STAGES, last_channels=64)
+SMALL = dict(width=0.35, layout="small", num_classes=10, in_channels=3, stages=STAGES, last_channels=64)
 
 
 def small_config(residual: str, impl: str = "xla"):

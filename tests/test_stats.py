@@ -273,7 +273,7 @@ def test_variants_at_one_seed_share_initial_weights_and_data_order(study, names,
     from ablations.studies import get_preset
     from manifold_lab.data import epoch_permutation
     from manifold_lab.train import TrainConfig
-    from manifold_lab.train.loop import model_config_for, model_init_fn
+    from manifold_lab.train.network import model_config_for, model_init_fn
 
     preset, s = get_preset("cpu"), STUDIES[study]
     for seed in (0, 1):

@@ -28,10 +28,10 @@ from manifold_lab.data import load_dataset, normalize
 from manifold_lab.models import build_model, model_config
 from manifold_lab.train import (EXIT_DIVERGED, TrainConfig, TrainingDiverged, is_complete, load_run,
                                 restore_model, train, train_seeds)
-from manifold_lab.train import records
+from manifold_lab.train import records, run_dir as run_files
 from manifold_lab.train.__main__ import main as cli_main
 from manifold_lab.train.checkpoint import Checkpointer
-from manifold_lab.train.loop import model_config_for, model_init_fn
+from manifold_lab.train.network import model_config_for, model_init_fn
 from manifold_lab.train.optim import make_optimizer, unit_schedule
 from manifold_lab.train.step import make_train_step, split_state
 
@@ -85,8 +85,8 @@ def test_config_round_trip_defaults_and_validation() -> None:
     paper = TrainConfig().resolved()
     assert (paper.optimizer, paper.lr, paper.weight_decay, paper.batch_size, paper.lr_decay) == \
         ("paper", 0.045, 4e-5, 96, 0.98)
-    assert (paper.momentum, paper.rmsprop_decay, paper.preset, paper.dataset) == (0.9, 0.9, "small", "fashion_mnist")
-    assert TrainConfig(dataset="imagefolder").resolved().preset == "imagenet"
+    assert (paper.momentum, paper.rmsprop_decay, paper.layout, paper.dataset) == (0.9, 0.9, "small", "fashion_mnist")
+    assert TrainConfig(dataset="imagefolder").resolved().layout == "imagenet"
     assert TrainConfig(optimizer="adamw").resolved().lr == 1e-3
     assert (paper.lr_schedule, TrainConfig(optimizer="sgd").resolved().lr_schedule) == ("staircase", "cosine")
     for bad in (dict(width=0), dict(optimizer="lamb"), dict(lr_schedule="linear"), dict(residual="both"),
@@ -136,7 +136,7 @@ def test_train_step_reduces_loss_in_one_and_several_steps() -> None:
     """The functional step on a fixed batch (MobileNetV1, which shares V2's layers and compiles
     faster; the engine tests below run V2)."""
     train_data, _ = load_dataset("digits", image_size=16)
-    mcfg = model_config("mobilenet_v1", width=0.35, preset="small", num_classes=10, in_channels=1,
+    mcfg = model_config("mobilenet_v1", width=0.35, layout="small", num_classes=10, in_channels=1,
                         dropout_rate=0.0)
     graphdef, params, stats = split_state(build_model(mcfg, rngs=nnx.Rngs(0)))
     tx, _ = make_optimizer(TrainConfig(lr=0.01).resolved(), steps_per_epoch=100, total_steps=100)
@@ -169,7 +169,7 @@ def test_run_files_summary_and_restore(full_run: Path) -> None:
         assert r["learning_rate"] == pytest.approx(0.005) and np.isfinite(r["loss"])
     assert [r["step"] for r in recs if "test_accuracy" in r] == [3, 6]
     summary = json.loads((full_run / "summary.json").read_text())
-    assert set(records.SUMMARY_KEYS) <= set(summary) and summary["steps"] == 6
+    assert set(run_files.SUMMARY_KEYS) <= set(summary) and summary["steps"] == 6
     assert summary["final_test_accuracy"] == recs[-1]["test_accuracy"]
     assert is_complete(full_run)
     assert Checkpointer(full_run).steps() == [4, 6]
@@ -371,7 +371,7 @@ def tiny_imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_imagefolder_training_end_to_end(tiny_imagefolder: Path, tmp_path: Path) -> None:
     """The streamed path (Grain workers decode, the device normalises): a run trains, evaluates on
     the val split, checkpoints and resumes to the same metrics; multi-seed needs in-memory data."""
-    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tiny_imagefolder), image_size=32, preset="small",
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tiny_imagefolder), image_size=32, layout="small",
                       width=0.35, batch_size=4, steps=4, log_every=1, eval_every=2, checkpoint_every=2,
                       eval_batch_size=8, lr=0.005)
     full = tmp_path / "full"

@@ -21,7 +21,7 @@ from manifold_lab.costs.analytic import ModelCosts, model_costs
 from manifold_lab.costs.model_count import abstract_param_count
 from manifold_lab.costs.tables import memory_table, slim_table, table2_rows
 from manifold_lab.models import MODELS, MobileNetV2Config, model_config
-from manifold_lab.models.config import PRESETS
+from manifold_lab.models.config import LAYOUTS
 
 TABLES = ("slim", "memory", "table2")
 
@@ -44,7 +44,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resolution", type=positive_int, default=224, help="input size (pixels)")
     parser.add_argument("--classes", type=positive_int, default=1000, help="number of classes")
     parser.add_argument("--in-channels", type=positive_int, default=3, help="input channels")
-    parser.add_argument("--preset", choices=PRESETS, default="imagenet")
+    parser.add_argument("--layout", choices=LAYOUTS, default="imagenet", help="stride layout (default imagenet)")
     parser.add_argument("--table", choices=TABLES, default=None,
                         help="print one of the paper's tables instead of the per-layer costs "
                              "(slim and memory are fixed paper tables; memory and table2 use "
@@ -60,7 +60,7 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 def format_costs(costs: ModelCosts, params_model: int) -> str:
     """Per-layer table and totals as text."""
     lines = [f"{costs.model} width {costs.width:g}, {costs.resolution} px, {costs.num_classes} "
-             f"classes, preset {costs.preset}",
+             f"classes, layout {costs.layout}",
              f"{'layer':<22}{'input':>14}{'output':>14}{'params':>12}{'multiply-adds':>16}"]
     for layer in costs.layers:
         lines.append(f"{layer.name:<22}{_fmt_shape(layer.input_shape):>14}"
@@ -133,7 +133,7 @@ def format_table2(rows: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = dict(width=args.width, num_classes=args.classes, in_channels=args.in_channels,
-                  preset=args.preset)
+                  layout=args.layout)
     try:
         config = model_config(args.model, **fields)
     except ValueError as exc:

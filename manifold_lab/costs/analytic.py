@@ -21,7 +21,7 @@ import dataclasses
 import math
 
 from manifold_lab.models.config import MobileNetV1Config, MobileNetV2Config
-from manifold_lab.models.layers import pad_amounts
+from manifold_lab.models.geometry import pad_amounts
 
 Shape = tuple[int, int, int]  # (height, width, channels)
 
@@ -63,7 +63,7 @@ class ModelCosts:
     width: float
     resolution: int
     num_classes: int
-    preset: str
+    layout: str
     layers: tuple[LayerCost, ...]
 
     @property
@@ -102,7 +102,7 @@ class ModelCosts:
             "width": self.width,
             "resolution": self.resolution,
             "num_classes": self.num_classes,
-            "preset": self.preset,
+            "layout": self.layout,
             "params": self.params,
             "params_without_bn": self.params_without_bn,
             "bn_statistics": self.bn_statistics,
@@ -206,4 +206,4 @@ def model_costs(config: MobileNetV2Config | MobileNetV1Config, resolution: int) 
         name, layers = "mobilenet_v1", mobilenet_v1_layers(config, resolution)
     else:
         raise TypeError(f"unsupported config type {type(config).__name__}")
-    return ModelCosts(name, config.width, resolution, config.num_classes, config.preset, layers)
+    return ModelCosts(name, config.width, resolution, config.num_classes, config.layout, layers)

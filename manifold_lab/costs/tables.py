@@ -214,7 +214,7 @@ def table2_rows(config: MobileNetV2Config, resolution: int) -> list[dict]:
                  None, None))
 
     paper = (resolution == 224 and config.stages == MobileNetV2Config().stages
-             and config.width == 1.0 and config.preset == "imagenet" and config.in_channels == 3)
+             and config.width == 1.0 and config.layout == "imagenet" and config.in_channels == 3)
     keys = ("input", "operator", "t", "c", "n", "s")
     out = []
     for i, row in enumerate(rows):

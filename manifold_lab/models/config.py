@@ -8,13 +8,8 @@ is built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
-BottleneckActivation = Literal["linear", "relu6", "relu"]
-ResidualPlacement = Literal["bottleneck", "expansion", "expansion_preact", "inner", "none"]
-DepthwiseImpl = Literal["auto", "xla", "shift", "native"]
-Padding = Literal["same", "symmetric"]
-Preset = Literal["imagenet", "small", "stem1", "bneck1"]
+from manifold_lab.options import check_fields, option
 
 BOTTLENECK_ACTIVATIONS: tuple[str, ...] = ("linear", "relu6", "relu")
 #: Shortcut placements (``residual``), defined in :mod:`manifold_lab.models.mobilenet_v2`.
@@ -24,13 +19,49 @@ RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "expansion_pr
 EXPANSION_STREAMS: tuple[str, ...] = ("expansion", "expansion_preact")
 DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift", "native")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 #: Stride layouts, as (stem stride, stride of the first stride-2 stage): ``imagenet`` (Table 2),
 #: ``small`` (both at 1: 32 or 28 px end at 4x4, 16x the activations of ``imagenet``), ``stem1``
 #: (only the stem at 1: 28 px ends at 2x2) and ``bneck1`` (only the first stride-2 bottleneck stage
 #: at 1: 28 px ends at 2x2, with the stem's 14x14 kept through that stage).
 LAYOUT_STRIDES: dict[str, tuple[int, int]] = {
     "imagenet": (2, 2), "small": (1, 1), "stem1": (1, 2), "bneck1": (2, 1)}
-PRESETS: tuple[str, ...] = tuple(LAYOUT_STRIDES)
+LAYOUTS: tuple[str, ...] = tuple(LAYOUT_STRIDES)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkOptions:
+    """The choices that define a network's architecture and arithmetic: the one place their
+    defaults, choices and help are written. The model configs below extend it with what the data
+    decides (classes, input channels) and the architecture tables; the training config holds it."""
+
+    width: float = option(1.0, "width multiplier")
+    layout: str = option("imagenet", "stride layout: imagenet (Table 2, 224 px), small (28-32 px: stem "
+                         "and first stride-2 stage at 1), stem1 (stem at 1) or bneck1 (first stride-2 "
+                         "stage at 1)", choices=LAYOUTS)
+    bottleneck_activation: str = option("linear", "non-linearity after the projection (MobileNetV2)",
+                                        choices=BOTTLENECK_ACTIVATIONS)
+    residual: str = option("bottleneck", "shortcut placement (MobileNetV2)", choices=RESIDUAL_PLACEMENTS)
+    depthwise_impl: str = option("auto", "depthwise kernels: auto (native on CPU), xla, shift, native",
+                                 choices=DEPTHWISE_IMPLS)
+    padding: str = option("same", "convolution padding convention", choices=PADDINGS)
+    dropout_rate: float = option(0.2, "drop probability before the classifier", flag="--dropout")
+    bn_decay: float = option(0.997, "BatchNorm running-average decay (TF-Slim; zero-debiased in training)")
+    compute_dtype: str = option("float32", "activations; parameters and BatchNorm statistics stay float32",
+                                choices=COMPUTE_DTYPES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.width > 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not 0.0 <= self.bn_decay < 1.0:
+            raise ValueError(f"bn_decay must be in [0, 1), got {self.bn_decay}")
+
+    def network_fields(self) -> dict[str, object]:
+        """The :class:`NetworkOptions` fields of this config, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(NetworkOptions)}
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -78,38 +109,21 @@ class BlockSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class MobileNetV2Config:
+class MobileNetV2Config(NetworkOptions):
     """Everything that defines a MobileNetV2 variant. Defaults are the paper's network."""
 
-    width: float = 1.0
     num_classes: int = 1000
     in_channels: int = 3
-    preset: Preset = "imagenet"
-    bottleneck_activation: BottleneckActivation = "linear"
-    residual: ResidualPlacement = "bottleneck"
-    depthwise_impl: DepthwiseImpl = "auto"
-    padding: Padding = "same"
-    dropout_rate: float = 0.2  # probability of dropping a unit before the classifier
     bn_epsilon: float = 1e-3
-    bn_momentum: float = 0.997  # running-average decay (TF-Slim)
     stem_channels: int = 32
     last_channels: int = 1280
     divisor: int = 8
-    compute_dtype: str = "float32"  # activations; parameters and BatchNorm statistics stay float32
     stages: tuple[BottleneckStage, ...] = MOBILENET_V2_STAGES
 
     def __post_init__(self) -> None:
-        _check_choice("bottleneck_activation", self.bottleneck_activation, BOTTLENECK_ACTIVATIONS)
-        _check_choice("residual", self.residual, RESIDUAL_PLACEMENTS)
-        _check_choice("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
-        _check_choice("padding", self.padding, PADDINGS)
-        _check_choice("preset", self.preset, PRESETS)
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
+        super().__post_init__()
         if self.num_classes < 1 or self.in_channels < 1:
             raise ValueError("num_classes and in_channels must be >= 1")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
     @property
     def stem_out(self) -> int:
@@ -117,7 +131,7 @@ class MobileNetV2Config:
 
     @property
     def stem_stride(self) -> int:
-        return LAYOUT_STRIDES[self.preset][0]
+        return LAYOUT_STRIDES[self.layout][0]
 
     @property
     def head_channels(self) -> int:
@@ -130,7 +144,7 @@ class MobileNetV2Config:
         """First-block stride of each stage; ``small`` and ``bneck1`` run the first stride-2 stage at 1."""
         strides = [s.stride for s in self.stages]
         first = next(i for i, s in enumerate(strides) if s == 2)
-        strides[first] = LAYOUT_STRIDES[self.preset][1]
+        strides[first] = LAYOUT_STRIDES[self.layout][1]
         return tuple(strides)
 
     def blocks(self) -> tuple[BlockSpec, ...]:
@@ -198,31 +212,21 @@ MOBILENET_V1_LAYERS: tuple[SeparableLayer, ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
-class MobileNetV1Config:
-    """MobileNetV1 baseline. Width rounding follows TF-Slim: ``max(int(c * width), 8)``."""
+class MobileNetV1Config(NetworkOptions):
+    """MobileNetV1 baseline. Width rounding follows TF-Slim: ``max(int(c * width), 8)``. It has no
+    bottleneck and no shortcut: ``bottleneck_activation`` and ``residual`` keep their defaults."""
 
-    width: float = 1.0
     num_classes: int = 1000
     in_channels: int = 3
-    preset: Preset = "imagenet"
-    depthwise_impl: DepthwiseImpl = "auto"
-    padding: Padding = "same"
-    dropout_rate: float = 0.2
     bn_epsilon: float = 1e-3
-    bn_momentum: float = 0.997
     stem_channels: int = 32
     min_depth: int = 8
-    compute_dtype: str = "float32"
     layers: tuple[SeparableLayer, ...] = MOBILENET_V1_LAYERS
 
     def __post_init__(self) -> None:
-        _check_choice("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
-        _check_choice("padding", self.padding, PADDINGS)
-        _check_choice("preset", self.preset, PRESETS)
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        super().__post_init__()
+        if (self.bottleneck_activation, self.residual) != ("linear", "bottleneck"):
+            raise ValueError("bottleneck_activation and residual apply to mobilenet_v2 only")
 
     def depth(self, channels: int) -> int:
         return max(int(channels * self.width), self.min_depth)
@@ -233,15 +237,10 @@ class MobileNetV1Config:
 
     @property
     def stem_stride(self) -> int:
-        return LAYOUT_STRIDES[self.preset][0]
+        return LAYOUT_STRIDES[self.layout][0]
 
     def layer_strides(self) -> tuple[int, ...]:
         """Stride of each separable layer; ``small`` and ``bneck1`` run the first stride-2 layer at 1."""
         strides = [layer.stride for layer in self.layers]
-        strides[strides.index(2)] = LAYOUT_STRIDES[self.preset][1]
+        strides[strides.index(2)] = LAYOUT_STRIDES[self.layout][1]
         return tuple(strides)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

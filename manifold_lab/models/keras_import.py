@@ -152,7 +152,7 @@ def _targets(model: MobileNetV2) -> Iterator[tuple[str, list[nnx.Variable], bool
 
 def check_keras_geometry(config: MobileNetV2Config) -> None:
     """Raise ``ValueError`` unless ``config`` computes what Keras' MobileNetV2 computes."""
-    expected = {"padding": "same", "bn_epsilon": 1e-3, "preset": "imagenet",
+    expected = {"padding": "same", "bn_epsilon": 1e-3, "layout": "imagenet",
                 "residual": "bottleneck", "bottleneck_activation": "linear"}
     wrong = [f"{k}={getattr(config, k)!r} (Keras: {v!r})" for k, v in expected.items()
              if getattr(config, k) != v]

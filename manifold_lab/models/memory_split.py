@@ -23,13 +23,16 @@ of them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from manifold_lab.models.activations import activation
+from manifold_lab.models.batchnorm import folded_batch_norm
 from manifold_lab.models.depthwise import depthwise_conv
-from manifold_lab.models.layers import activation
 from manifold_lab.models.mobilenet_v2 import InvertedResidual
 
 Array = jax.Array
@@ -65,13 +68,8 @@ class SplitBlock:
 
     @property
     def expanded_channels(self) -> int:
+        """The width E of the expanded tensor (the depthwise layer's channels)."""
         return self.depthwise_kernel.shape[-1]
-
-
-def _bn_affine(bn) -> tuple[Array, Array]:
-    """Running-statistics BatchNorm as y = x * scale + offset."""
-    scale = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-    return scale, bn.bias[...] - bn.mean[...] * scale
 
 
 def split_block(block: InvertedResidual) -> SplitBlock:
@@ -85,17 +83,17 @@ def split_block(block: InvertedResidual) -> SplitBlock:
         raise ValueError(f"the Section 5 split computes the plain Table 1 block; this block takes {kind}")
     if block.expansion is not None:
         expand_kernel = block.expansion.kernel[...][0, 0]
-        expand_scale, expand_offset = _bn_affine(block.expansion.bn)
+        expand_scale, expand_offset = folded_batch_norm(block.expansion.bn)
     else:
         expand_kernel = expand_scale = expand_offset = None
-    dw_scale, dw_offset = _bn_affine(block.depthwise.bn)
-    pr_scale, pr_offset = _bn_affine(block.projection.bn)
+    dw_scale, dw_offset = folded_batch_norm(block.depthwise.bn)
+    pr_scale, pr_offset = folded_batch_norm(block.projection.bn)
     return SplitBlock(
         expand_kernel, expand_scale, expand_offset,
         block.depthwise.kernel[...][:, :, 0, :], dw_scale, dw_offset,
         block.projection.kernel[...][0, 0], pr_scale, pr_offset,
         stride=block.depthwise.stride, padding=block.depthwise.padding,
-        depthwise_impl=block.depthwise.impl, project_activation=block.projection.act,
+        depthwise_impl=block.depthwise.backend.kind, project_activation=block.projection.act,
         shortcut=block.bottleneck_shortcut)
 
 
@@ -133,7 +131,7 @@ def split_apply(block: SplitBlock, x: Array, k: int) -> Array:
     return y + x if block.shortcut else y
 
 
-def compiled_temp_bytes(fn, *args) -> int:
+def compiled_temp_bytes(fn: Callable[..., Any], *args: Any) -> int:
     """Peak temporary buffer bytes XLA allocates for ``jax.jit(fn)(*args)`` (its compiled
     memory analysis; arguments and outputs are not included)."""
     return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from manifold_lab.models.backend import KernelBackend, backend_for
 from manifold_lab.models.config import MobileNetV1Config
 from manifold_lab.models.depthwise import DepthwiseBN
 from manifold_lab.models.layers import Classifier, ConvBN, check_call
@@ -23,13 +24,12 @@ Array = jax.Array
 
 
 class SeparableLayer(nnx.Module):
-    """3x3 depthwise + BN + ReLU, then 1x1 pointwise + BN + ReLU."""
+    """3x3 depthwise + BN + ReLU, then 1x1 pointwise + BN + ReLU, computed by the network's ``backend``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, config: MobileNetV1Config,
-                 *, rngs: nnx.Rngs) -> None:
-        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum,
-                      dtype=jnp.dtype(config.compute_dtype), act="relu", impl=config.depthwise_impl,
-                      rngs=rngs)
+                 *, backend: KernelBackend, rngs: nnx.Rngs) -> None:
+        common = dict(bn_epsilon=config.bn_epsilon, bn_decay=config.bn_decay,
+                      dtype=jnp.dtype(config.compute_dtype), act="relu", backend=backend, rngs=rngs)
         self.depthwise = DepthwiseBN(in_channels, stride=stride, padding=config.padding, **common)
         self.pointwise = ConvBN(in_channels, out_channels, **common)
 
@@ -43,15 +43,16 @@ class MobileNetV1(nnx.Module):
 
     def __init__(self, config: MobileNetV1Config, *, rngs: nnx.Rngs) -> None:
         self.config = config
+        self.backend = backend_for(config.depthwise_impl)
         self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,
                            padding=config.padding, act="relu", bn_epsilon=config.bn_epsilon,
-                           bn_momentum=config.bn_momentum, dtype=jnp.dtype(config.compute_dtype),
-                           impl=config.depthwise_impl, rngs=rngs)
+                           bn_decay=config.bn_decay, dtype=jnp.dtype(config.compute_dtype),
+                           backend=self.backend, rngs=rngs)
         layers = []
         in_ch = config.stem_out
         for spec, stride in zip(config.layers, config.layer_strides()):
             out_ch = config.depth(spec.channels)
-            layers.append(SeparableLayer(in_ch, out_ch, stride, config, rngs=rngs))
+            layers.append(SeparableLayer(in_ch, out_ch, stride, config, backend=self.backend, rngs=rngs))
             in_ch = out_ch
         self.layers = nnx.List(layers)
         self.classifier = Classifier(in_ch, config.num_classes, dropout_rate=config.dropout_rate, rngs=rngs)

@@ -4,7 +4,7 @@
 Network: 3x3 conv (stride ``config.stem_stride``) + BN + ReLU6 -> 17 bottleneck blocks
 (``config.blocks()``) -> 1x1 conv to ``config.head_channels`` + BN + ReLU6 -> global average pool
 -> dropout (drop probability ``config.dropout_rate``) -> dense classifier. Convolutions have no
-bias (BatchNorm follows each). The ``small`` preset (28-32 px inputs) runs the stem and the first
+bias (BatchNorm follows each). The ``small`` layout (28-32 px inputs) runs the stem and the first
 stride-2 stage at stride 1, so 32 px ends at 4x4 and 28 px at 4x4 (``same`` padding); ``stem1``
 runs only the stem at stride 1 and ``bneck1`` only that stage (28 px ends at 2x2 with either).
 
@@ -91,7 +91,12 @@ depthwise's ReLU6 and, under ``residual="inner"``, after the shortcut add),
 ``block{i:02d}/projection`` (x_{i+1}: the block output after the bottleneck activation and the
 shortcut add); ``head`` (after the last 1x1 conv's ReLU6), ``pooled`` (float32 global average),
 ``logits``. (The dict is in this order when the model is called directly; a dict returned through
-``jax.jit`` and other transformations comes back with sorted keys.)
+``jax.jit`` and other transformations comes back with sorted keys.) Capturing records the
+tensors of the very forward pass that computes the logits: where the kernel backend folds a
+BatchNorm and activation into the next depthwise kernel (so that e_i, or the stem output, is
+never written out), the recorded tensor is computed on the side (see
+:meth:`~manifold_lab.models.backend.KernelBackend.observe`), and the logits are the same with and
+without ``capture``.
 """
 
 from __future__ import annotations
@@ -100,26 +105,34 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from manifold_lab.models.activations import activation
+from manifold_lab.models.backend import DeferredBN, KernelBackend, backend_for
 from manifold_lab.models.config import EXPANSION_STREAMS, BlockSpec, MobileNetV2Config
 from manifold_lab.models.depthwise import DepthwiseBN
-from manifold_lab.models.layers import Classifier, ConvBN, activation, batch_norm_act, check_call
+from manifold_lab.models.layers import Classifier, ConvBN, check_call
 
 Array = jax.Array
 
 
 class InvertedResidual(nnx.Module):
-    """One bottleneck block: optional 1x1 expansion, 3x3 depthwise, 1x1 projection (see module doc)."""
+    """One bottleneck block: optional 1x1 expansion, 3x3 depthwise, 1x1 projection (see module doc).
+
+    ``backend``: the network's kernel backend (default: resolved from ``config.depthwise_impl``)."""
 
     def __init__(self, spec: BlockSpec, config: MobileNetV2Config, *, expansion_shortcut: bool,
-                 rngs: nnx.Rngs) -> None:
-        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum,
-                      dtype=jnp.dtype(config.compute_dtype), impl=config.depthwise_impl, rngs=rngs)
+                 rngs: nnx.Rngs, backend: KernelBackend | None = None) -> None:
+        backend = backend if backend is not None else backend_for(config.depthwise_impl)
+        common = dict(bn_epsilon=config.bn_epsilon, bn_decay=config.bn_decay,
+                      dtype=jnp.dtype(config.compute_dtype), backend=backend, rngs=rngs)
+        self.backend = backend
         self.index = spec.index
         self.bottleneck_shortcut = config.residual == "bottleneck" and spec.bottleneck_shortcut
         self.expansion_shortcut = expansion_shortcut  # receives the stream of block i-1
+        self.passes_stream = config.residual in EXPANSION_STREAMS  # block i+1 may read e_i (or z_i)
         self.preactivation_stream = config.residual == "expansion_preact"  # the stream carries z_i
         self.inner_shortcut = config.residual == "inner" and spec.index in config.inner_shortcuts()
-        # e_i (or z_i) is read by a shortcut, so it is written out: no expansion fused into the depthwise
+        # a shortcut may read e_i (or z_i) besides the depthwise layer (every block of an expansion
+        # stream, a block with an inner shortcut): the expansion's output is then not foldable
         self.keep_expanded = config.residual in EXPANSION_STREAMS or self.inner_shortcut
         self.expansion = (ConvBN(spec.in_channels, spec.expanded_channels, act="relu6", **common)
                           if spec.has_expansion else None)
@@ -128,66 +141,51 @@ class InvertedResidual(nnx.Module):
         self.projection = ConvBN(spec.expanded_channels, spec.out_channels,
                                  act=config.bottleneck_activation, **common)
 
-    def takes_raw_input(self) -> bool:
-        """Whether the block can take the previous convolution's raw output and apply its BatchNorm
-        and activation inside the depthwise kernel (``input_bn`` of ``__call__``): no expansion,
-        no shortcut that reads the block input, and the native depthwise form."""
+    @property
+    def input_feeds_depthwise_only(self) -> bool:
+        """Whether the depthwise layer is the only reader of the block input: no expansion, and no
+        shortcut that reads the input (which is then also e_i)."""
         return (self.expansion is None and not self.bottleneck_shortcut and not self.expansion_shortcut
-                and not self.keep_expanded and self.depthwise.fuses_input())
+                and not self.keep_expanded)
 
-    def expand(self, x: Array, prev_stream: Array | None, train: bool) -> tuple[Array, Array]:
+    def expand(self, x: Array | DeferredBN, prev_stream: Array | None, train: bool
+               ) -> tuple[Array | DeferredBN, Array | None]:
         """(e_i, the stream tensor passed on to block i+1) from the block input x_i and block
         i-1's stream tensor: (e_i, e_i) with e_i = a_i [+ e_{i-1}]; under the pre-activation
         stream (ReLU6(z_i), z_i) with z_i = BN(x_i @ W_expand) [+ z_{i-1}]; (x_i, x_i) without an
-        expansion (t = 1). The bracketed add where the block receives a shortcut."""
+        expansion (t = 1). The bracketed add where the block receives a shortcut; the stream is
+        None where no block reads it (``residual`` not an expansion stream)."""
         if self.expansion is None:
-            return x, x
-        if self.preactivation_stream:
-            z = batch_norm_act(self.expansion.bn, self.expansion.conv(x), train, "linear", self.expansion.impl)
+            e = x
+        elif self.preactivation_stream:
+            z = self.expansion.preactivation(x, train)
             if self.expansion_shortcut:
                 z = z + prev_stream
             return activation(self.expansion.act)(z), z
-        e = self.expansion(x, train)
-        if self.expansion_shortcut:
-            e = e + prev_stream
-        return e, e
-
-    def __call__(self, x: Array, prev_stream: Array | None, train: bool,
-                 acts: dict[str, Array] | None = None,
-                 input_bn: tuple[nnx.BatchNorm, str] | None = None) -> tuple[Array, Array | None]:
-        """Returns (block output x_{i+1}, stream tensor): the stream tensor is e_i, or z_i under
-        ``residual="expansion_preact"``; ``prev_stream`` is block i-1's.
-
-        With the native depthwise kernel, the expansion's BatchNorm and ReLU6 run inside that
-        kernel (e_i is then never written out, and None is returned for the stream) wherever
-        nothing else reads e_i: no capture and no shortcut that reads e_i or z_i
-        (``keep_expanded``). ``input_bn`` (where :meth:`takes_raw_input`, without capture): ``x`` is
-        the previous convolution's raw output and ``(bn, act)`` its BatchNorm and activation,
-        likewise applied inside the kernel."""
-        if input_bn is not None:
-            if acts is not None or not self.takes_raw_input():
-                raise ValueError("input_bn needs a block without expansion and shortcuts, the native "
-                                 "depthwise form and no capture")
-            d = self.depthwise(x, train, input_bn=input_bn)
-            e = stream = None
-        elif (acts is None and self.expansion is not None and not self.keep_expanded
-                and self.depthwise.fuses_input()):
-            raw = self.expansion.conv(x)
-            d = self.depthwise(raw, train, input_bn=(self.expansion.bn, self.expansion.act))
-            e = stream = None
         else:
-            e, stream = self.expand(x, prev_stream, train)
-            d = self.depthwise(e, train)
-            if self.inner_shortcut:
-                d = d + e
-        y = self.projection(d, train)
+            e = self.expansion(x, train, foldable=not self.keep_expanded)
+            if self.expansion_shortcut:
+                e = e + prev_stream
+        return e, (e if self.passes_stream else None)
+
+    def __call__(self, x: Array | DeferredBN, prev_stream: Array | None, train: bool,
+                 acts: dict[str, Array] | None = None) -> tuple[Array, Array | None]:
+        """Returns (block output x_{i+1}, stream tensor): the stream tensor is e_i, or z_i under
+        ``residual="expansion_preact"``; ``prev_stream`` is block i-1's. ``x`` may be the stem's
+        deferred output where :attr:`input_feeds_depthwise_only`. With ``acts``, the block's
+        intermediates are recorded into it."""
+        e, stream = self.expand(x, prev_stream, train)  # 1x1 expansion + BN + ReLU6 [+ stream]
+        d = self.depthwise(e, train)  # 3x3 depthwise + BN + ReLU6
+        if self.inner_shortcut:
+            d = d + e
+        y = self.projection(d, train)  # 1x1 projection + BN + bottleneck activation
         if self.bottleneck_shortcut:
             y = y + x
         if acts is not None:
             name = f"block{self.index:02d}"
             if self.preactivation_stream and self.expansion is not None:
                 acts[f"{name}/preactivation"] = stream
-            acts[f"{name}/expansion"] = e
+            acts[f"{name}/expansion"] = self.backend.observe(e, train)
             acts[f"{name}/depthwise"] = d
             acts[f"{name}/projection"] = y
         return y, stream
@@ -198,14 +196,15 @@ class MobileNetV2(nnx.Module):
 
     def __init__(self, config: MobileNetV2Config, *, rngs: nnx.Rngs) -> None:
         self.config = config
-        dtype = jnp.dtype(config.compute_dtype)
-        common = dict(bn_epsilon=config.bn_epsilon, bn_momentum=config.bn_momentum, dtype=dtype,
-                      impl=config.depthwise_impl, rngs=rngs)
+        self.backend = backend_for(config.depthwise_impl)
+        common = dict(bn_epsilon=config.bn_epsilon, bn_decay=config.bn_decay,
+                      dtype=jnp.dtype(config.compute_dtype), backend=self.backend, rngs=rngs)
         self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,
                            padding=config.padding, act="relu6", **common)
         shortcuts = set(config.expansion_shortcuts()) if config.residual in EXPANSION_STREAMS else set()
         self.blocks = nnx.List([
-            InvertedResidual(spec, config, expansion_shortcut=spec.index in shortcuts, rngs=rngs)
+            InvertedResidual(spec, config, expansion_shortcut=spec.index in shortcuts, rngs=rngs,
+                             backend=self.backend)
             for spec in config.blocks()
         ])
         last = config.blocks()[-1].out_channels
@@ -221,15 +220,11 @@ class MobileNetV2(nnx.Module):
         check_call(x, self.config.in_channels, train, self.config.dropout_rate, dropout_key)
         acts: dict[str, Array] | None = {} if capture else None
         x = x.astype(jnp.dtype(self.config.compute_dtype))
-        if acts is None and self.blocks[0].takes_raw_input():
-            # the stem's BatchNorm and ReLU6 run inside the first depthwise kernel
-            h, stream = self.blocks[0](self.stem.conv(x), None, train, input_bn=(self.stem.bn, self.stem.act))
-        else:
-            h = self.stem(x, train)
-            if acts is not None:
-                acts["stem"] = h
-            h, stream = self.blocks[0](h, None, train, acts)
-        for block in list(self.blocks)[1:]:
+        h = self.stem(x, train, foldable=self.blocks[0].input_feeds_depthwise_only)
+        if acts is not None:
+            acts["stem"] = self.backend.observe(h, train)
+        stream = None
+        for block in self.blocks:
             h, stream = block(h, stream, train, acts)
         h = self.head(h, train)
         pooled = self.classifier.pool(h)

@@ -1,17 +1,22 @@
 """Native XLA:CPU kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
 
 Each ``.cc`` file beside this module is one library (``depthwise``: the depthwise convolution;
-``batchnorm``: BatchNorm's training reductions; ``conv``: the stem's convolution), compiled with the shared ``.h`` headers by the
+``batchnorm``: BatchNorm's training reductions; ``conv``: the stem's convolution); their FFI
+bindings are :mod:`manifold_lab.native.ffi`, their differentiable operations
+:mod:`manifold_lab.native.ops`. Each library is compiled with the shared ``.h`` headers by the
 system C++ compiler (``$CXX``, else ``c++``/``g++``, C++20, ``-O3 -march=native``) against the
 FFI headers that jaxlib ships (``jax.ffi.include_dir()``), into ``$MANIFOLD_LAB_CACHE`` (default
 ``~/.cache/manifold_lab``). The file name holds a hash of the sources, the flags, the jaxlib
-version and the CPU's feature flags, so a changed source or another machine sharing the home directory gets its own build; the
-library is written under a temporary name and renamed into place, so processes that build at the
-same time (the sweep's workers, pytest-xdist) never load a half-written file.
+version and the CPU's feature flags, so a changed source or another machine sharing the home
+directory gets its own build; the library is written under a temporary name and renamed into
+place, so processes that build at the same time (the sweep's workers, pytest-xdist) never load a
+half-written file.
 
 Where no compiler is found or the build fails, :func:`load` returns None and says why once
-(``reason()``); callers then use their pure-JAX form. ``MANIFOLD_LAB_NATIVE=0`` turns the native
-kernels off.
+(``reason()``). The native kernels are used as one set: :func:`available` (all libraries load) is
+the one test, which :func:`manifold_lab.models.backend.backend_for` applies when it resolves a
+network's ``depthwise_impl``; without them the network takes its pure-JAX forms.
+``MANIFOLD_LAB_NATIVE=0`` turns the native kernels off.
 """
 
 from __future__ import annotations
@@ -134,3 +139,16 @@ def load(name: str) -> ctypes.CDLL | None:
 def reason(name: str) -> str | None:
     """Why :func:`load` returned None for ``name`` (None if it loaded or was not tried)."""
     return _reasons.get(name)
+
+
+def available() -> bool:
+    """Whether every native library builds and loads here (see :func:`unavailable_reason`)."""
+    return all(load(name) is not None for name in TARGETS)
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False: the first library that did not load, and its reason."""
+    for name in TARGETS:
+        if load(name) is None:
+            return reason(name)
+    return None

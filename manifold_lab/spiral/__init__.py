@@ -51,9 +51,23 @@ Same arguments give byte-identical JSON. :mod:`.reference` is a plain NumPy loop
 oracle and the benchmark baseline.
 """
 
-from manifold_lab.spiral.experiment import (DEFAULT_DIMS, SpiralResult, format_table, run_experiment,
-                                            validate, write_outputs)
-from manifold_lab.spiral.manifolds import MANIFOLDS, make_manifold
+from __future__ import annotations
 
-__all__ = ["DEFAULT_DIMS", "MANIFOLDS", "SpiralResult", "format_table", "make_manifold", "run_experiment",
-           "validate", "write_outputs"]
+import importlib
+from typing import Any
+
+#: The public names, imported on first use: plotting a saved result does not import JAX.
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_DIMS": "manifold_lab.spiral.experiment", "SpiralResult": "manifold_lab.spiral.experiment",
+    "format_table": "manifold_lab.spiral.experiment", "run_experiment": "manifold_lab.spiral.experiment",
+    "validate": "manifold_lab.spiral.experiment", "write_outputs": "manifold_lab.spiral.experiment",
+    "MANIFOLDS": "manifold_lab.spiral.manifolds", "make_manifold": "manifold_lab.spiral.manifolds",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

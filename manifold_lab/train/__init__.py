@@ -5,14 +5,31 @@ with exact resume, data parallelism over devices and vmapped multi-seed training
 from manifold_lab.train import TrainConfig, train, train_seeds, load_run, is_complete, restore_model
 summary = train(TrainConfig(width=0.35, steps=200), "runs/fmnist")
 ```
-Command line: ``python -m manifold_lab.train --help``.
+Command line: ``python -m manifold_lab.train --help``. The names are imported on first use, so that
+reading finished runs (:mod:`manifold_lab.train.run_dir`) does not import JAX.
 """
 
-from manifold_lab.train.config import TrainConfig
-from manifold_lab.train.loop import EXIT_DIVERGED, TrainingDiverged, train
-from manifold_lab.train.multiseed import train_seeds
-from manifold_lab.train.records import is_complete, load_run
-from manifold_lab.train.runs import restore_model
+from __future__ import annotations
 
-__all__ = ["EXIT_DIVERGED", "TrainConfig", "TrainingDiverged", "is_complete", "load_run", "restore_model",
-           "train", "train_seeds"]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "EXIT_DIVERGED": "manifold_lab.train.loop",
+    "TrainingDiverged": "manifold_lab.train.loop",
+    "train": "manifold_lab.train.loop",
+    "train_seeds": "manifold_lab.train.multiseed",
+    "TrainConfig": "manifold_lab.train.config",
+    "RunDir": "manifold_lab.train.run_dir",
+    "is_complete": "manifold_lab.train.run_dir",
+    "load_run": "manifold_lab.train.run_dir",
+    "restore_model": "manifold_lab.train.run_dir",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

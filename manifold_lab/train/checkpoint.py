@@ -16,8 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from manifold_lab.cli import UsageError
-
-CHECKPOINT_DIR = "checkpoints"
+from manifold_lab.train.run_dir import CHECKPOINT_DIR
 
 
 def _path_name(entry: Any) -> str:

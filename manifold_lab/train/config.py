@@ -3,7 +3,7 @@
 Defaults are the paper's recipe (Section 6.1) where it has one: RMSProp with decay 0.9 and momentum
 0.9, learning rate 0.045 decayed by 0.98 per epoch, weight decay 4e-5, batch 96. Where the paper is
 silent the choice is documented on the field. ``None`` fields are resolved by :meth:`TrainConfig.resolved`
-(learning rate and weight decay per optimiser, the preset per dataset).
+(learning rate and weight decay per optimiser, the stride layout per dataset).
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import dataclasses
 import json
 from typing import Any
 
-from manifold_lab.cli import UsageError
-from manifold_lab.models.config import (BOTTLENECK_ACTIVATIONS, DEPTHWISE_IMPLS, PADDINGS, PRESETS,
-                                        RESIDUAL_PLACEMENTS)
+from manifold_lab.cli import UsageError, nonnegative_int, number, positive_int
+from manifold_lab.models.config import NetworkOptions
+from manifold_lab.options import option
 
 OPTIMIZERS: tuple[str, ...] = ("paper", "sgd", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("staircase", "cosine")
 MODEL_NAMES: tuple[str, ...] = ("mobilenet_v2", "mobilenet_v1")
-COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 #: BatchNorm statistics of evaluation (:mod:`manifold_lab.train.bn_stats`); ``both`` reports
 #: ``precise`` and records ``running`` beside it.
 EVAL_BN_CHOICES: tuple[str, ...] = ("precise", "running", "both")
@@ -35,81 +34,85 @@ SCHEDULE_DEFAULTS: dict[str, str] = {"paper": "staircase", "sgd": "cosine", "ada
 
 #: Keys that ``config.json`` holds next to the TrainConfig fields (ignored by ``from_dict``).
 RESERVED_KEYS: tuple[str, ...] = ("resolved", "model_config", "environment")
+#: Former names of fields, still read from older ``config.json`` files: old name -> field.
+RENAMED_FIELDS: dict[str, str] = {"preset": "layout", "bn_momentum": "bn_decay"}
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """One training run (or one configuration of a multi-seed run). Invalid values raise UsageError."""
+class TrainConfig(NetworkOptions):
+    """One training run (or one configuration of a multi-seed run): the network's fields
+    (:class:`~manifold_lab.models.config.NetworkOptions`, written once there) and the training
+    choices below. Each field carries its help, group and flag, from which the command line is
+    generated. Invalid values raise UsageError."""
 
-    # model
-    model: str = "mobilenet_v2"
-    width: float = 1.0
-    preset: str | None = None  # None: "imagenet" for imagefolder, "small" for the 28-32 px datasets
-    bottleneck_activation: str = "linear"
-    residual: str = "bottleneck"
-    depthwise_impl: str = "auto"
-    padding: str = "same"
-    dropout_rate: float = 0.2  # drop probability before the classifier (authors' code: keep 0.8)
-    bn_momentum: float = 0.997  # BatchNorm running-average decay (TF-Slim); zero-debiased in training
-    compute_dtype: str = "float32"  # activations; params, optimiser state, BN statistics stay float32
+    # model (the network's own fields come from NetworkOptions)
+    layout: str | None = option(None, NetworkOptions.__dataclass_fields__["layout"].metadata["help"],
+                                choices=NetworkOptions.__dataclass_fields__["layout"].metadata["choices"],
+                                default_text="imagenet for imagefolder, small otherwise")
+    model: str = option("mobilenet_v2", "network", choices=MODEL_NAMES)
     # data
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    image_size: int | None = None  # resize in-memory datasets (imagefolder: its default 224)
-    augment: bool = True  # random crop with padding (+ flip where the dataset allows it)
+    dataset: str = option("fashion_mnist", "data set (manifold_lab.data.DATASETS)", group="data", kind=str)
+    data_dir: str | None = option(None, "dataset location (npz: the file)", group="data", kind=str,
+                                  default_text="the dataset's standard place")
+    image_size: int | None = option(None, "resize images to this size", group="data", kind=positive_int,
+                                    default_text="native size; imagefolder 224")
+    augment: bool = option(True, "no random crop and flip", flag="--no-augment", group="data")
     # schedule
-    epochs: float = 10.0  # the paper trains ImageNet far longer; 10 fits Fashion-MNIST on a CPU
-    steps: int | None = None  # total steps; overrides epochs when given
-    batch_size: int = 96
-    # optimiser
-    optimizer: str = "paper"
-    lr: float | None = None  # None: OPTIMIZER_DEFAULTS[optimizer]["lr"]
-    weight_decay: float | None = None  # None: OPTIMIZER_DEFAULTS[optimizer]["weight_decay"]
-    lr_schedule: str | None = None  # None: SCHEDULE_DEFAULTS[optimizer]
-    lr_decay: float = 0.98  # "staircase": decay factor per epoch
-    momentum: float = 0.9  # "paper" and "sgd"
-    rmsprop_decay: float = 0.9
-    rmsprop_eps: float = 1.0  # paper silent; TF-Slim's train_image_classifier default (opt_epsilon)
-    warmup_steps: int = 0  # linear warm-up before the schedule
-    label_smoothing: float = 0.0  # authors' code: 0.1
-    ema_decay: float | None = None  # EMA of weights and BN statistics, evaluated instead; code: 0.9999
-    # bookkeeping
-    seed: int = 0
-    eval_every: int | None = None  # steps; None: once per epoch (and always at the end)
-    log_every: int = 50
-    checkpoint_every: int | None = None  # steps; None: once per epoch (and always at the end)
-    eval_batch_size: int = 1000
-    eval_bn: str = "precise"  # BatchNorm statistics at evaluation: precise, running or both (bn_stats)
-    eval_bn_batches: int = 50  # training batches that estimate the precise statistics
-    num_devices: int | None = None  # data-parallel devices; None: all local devices
+    epochs: float = option(10.0, "training epochs (the paper trains ImageNet far longer)", group="schedule")
+    steps: int | None = option(None, "training steps, instead of --epochs", group="schedule",
+                               kind=positive_int, default_text="from --epochs")
+    batch_size: int = option(96, "global batch", group="schedule", kind=positive_int)
+    lr_schedule: str | None = option(None, "staircase (per-epoch decay) or cosine (to 0)", choices=LR_SCHEDULES,
+                                     group="schedule", default_text="staircase for paper, cosine otherwise")
+    lr_decay: float = option(0.98, "staircase: decay factor per epoch", group="schedule")
+    warmup_steps: int = option(0, "linear warm-up steps before the schedule", group="schedule",
+                               kind=nonnegative_int)
+    # optimisation
+    optimizer: str = option("paper", "paper (RMSProp, Section 6.1), sgd (momentum) or adamw",
+                            choices=OPTIMIZERS, group="optimisation")
+    lr: float | None = option(None, "initial learning rate", group="optimisation", kind=number,
+                              default_text="paper 0.045, sgd 0.1, adamw 1e-3")
+    weight_decay: float | None = option(None, "weight decay (paper, sgd: L2; adamw: decoupled)",
+                                        group="optimisation", kind=number,
+                                        default_text="paper and sgd 4e-5, adamw 0.05")
+    momentum: float = option(0.9, "paper and sgd: momentum", group="optimisation")
+    rmsprop_decay: float = option(0.9, "paper: RMSProp decay", group="optimisation")
+    rmsprop_eps: float = option(1.0, "paper: RMSProp epsilon (paper silent; TF-Slim's default)",
+                                group="optimisation")
+    label_smoothing: float = option(0.0, "label smoothing (authors' code: 0.1)", group="optimisation")
+    ema_decay: float | None = option(None, "evaluate an EMA of the weights and BatchNorm statistics "
+                                     "(authors' code: 0.9999)", flag="--ema", metavar="DECAY",
+                                     group="optimisation", kind=number, default_text="off")
+    # run
+    seed: int = option(0, "random seed", group="run", kind=nonnegative_int)
+    eval_every: int | None = option(None, "steps between evaluations (and always at the end)", group="run",
+                                    kind=positive_int, default_text="one epoch")
+    log_every: int = option(50, "steps between log lines", group="run", kind=positive_int)
+    checkpoint_every: int | None = option(None, "steps between checkpoints (and always at the end)",
+                                          group="run", kind=positive_int, default_text="one epoch")
+    eval_batch_size: int = option(1000, "evaluation batch", group="run", kind=positive_int)
+    eval_bn: str = option("precise", "BatchNorm statistics at evaluation: precise (re-estimated over "
+                          "training batches), running (the debiased running averages) or both "
+                          "(precise reported)", choices=EVAL_BN_CHOICES, group="run")
+    eval_bn_batches: int = option(50, "training batches that estimate the precise statistics", group="run",
+                                  kind=positive_int)
+    # distributed
+    num_devices: int | None = option(None, "data-parallel devices", flag="--devices", group="distributed",
+                                     kind=positive_int, default_text="all local devices")
 
     def __post_init__(self) -> None:
-        _choice("model", self.model, MODEL_NAMES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        if self.lr_schedule is not None:
-            _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if self.preset is not None:
-            _choice("preset", self.preset, PRESETS)
-        _choice("bottleneck_activation", self.bottleneck_activation, BOTTLENECK_ACTIVATIONS)
-        _choice("residual", self.residual, RESIDUAL_PLACEMENTS)
-        _choice("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
-        _choice("padding", self.padding, PADDINGS)
-        _choice("eval_bn", self.eval_bn, EVAL_BN_CHOICES)
+        try:
+            super().__post_init__()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if self.model == "mobilenet_v1" and (self.bottleneck_activation != "linear"
                                              or self.residual != "bottleneck"):
             raise UsageError("--bottleneck-activation and --residual apply to mobilenet_v2 only")
-        _positive("width", self.width)
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        _positive("log_every", self.log_every)
-        _positive("eval_batch_size", self.eval_batch_size)
-        _positive("eval_bn_batches", self.eval_bn_batches)
-        for name in ("steps", "eval_every", "checkpoint_every", "image_size", "num_devices"):
+        for name in ("epochs", "batch_size", "log_every", "eval_batch_size", "eval_bn_batches"):
+            _positive(name, getattr(self, name))
+        for name in ("steps", "eval_every", "checkpoint_every", "image_size", "num_devices", "lr"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        if self.lr is not None:
-            _positive("lr", self.lr)
         for name in ("weight_decay", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -122,10 +125,6 @@ class TrainConfig:
             raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise UsageError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.bn_momentum < 1.0:
-            raise UsageError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise UsageError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.seed < 0:
             raise UsageError(f"seed must be >= 0, got {self.seed}")
 
@@ -134,7 +133,7 @@ class TrainConfig:
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
         return dataclasses.replace(
             self,
-            preset=self.preset or ("imagenet" if self.dataset == "imagefolder" else "small"),
+            layout=self.layout or ("imagenet" if self.dataset == "imagefolder" else "small"),
             lr=defaults["lr"] if self.lr is None else self.lr,
             lr_schedule=self.schedule_name,
             weight_decay=defaults["weight_decay"] if self.weight_decay is None else self.weight_decay,
@@ -160,7 +159,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; also accepts a whole ``config.json`` (its reserved keys
-        are ignored). Unknown keys raise UsageError."""
+        are ignored; former field names, :data:`RENAMED_FIELDS`, are read as the new ones).
+        Unknown keys raise UsageError."""
+        data = {RENAMED_FIELDS.get(k, k): v for k, v in data.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - set(RESERVED_KEYS))
         if unknown:
@@ -177,11 +178,6 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise UsageError("training config JSON must be an object")
         return cls.from_dict(data)
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _positive(name: str, value: Any) -> None:

@@ -1,8 +1,9 @@
 """The training loop behind :func:`train` (one seed) and :func:`~manifold_lab.train.train_seeds`
 (k seeds vmapped in one program).
 
-Per run directory: ``config.json`` (first), ``metrics.jsonl`` (growing), ``checkpoints/`` (Orbax, every
-``checkpoint_every`` steps and at the end) and ``summary.json`` (last, atomic). Everything that
+Per run directory (:mod:`manifold_lab.train.run_dir`): ``config.json`` (first), ``metrics.jsonl``
+(growing), ``checkpoints/`` (Orbax, every ``checkpoint_every`` steps and at the end) and
+``summary.json`` (last, atomic). Everything that
 decides the numbers is a function of ``(config, seed, step)``: parameters from ``nnx.Rngs(seed)``,
 the data order of epoch ``e`` and the augmentation and dropout of step ``s`` from
 ``jax.random.key(seed)`` folded with ``e`` or ``s``. Hence ``resume`` continues from the newest
@@ -30,18 +31,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from manifold_lab.cli import UsageError, writable_dir
 from manifold_lab.data import ArrayDataset, epoch_permutation, load_dataset, pipeline_spec
 from manifold_lab.data.pipeline import PipelineSpec
-from manifold_lab.models import build_model, model_config
 from manifold_lab.train import bn_stats, records, sharding
-from manifold_lab.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from manifold_lab.train.checkpoint import Checkpointer
 from manifold_lab.train.config import TrainConfig
+from manifold_lab.train.network import abstract_model, model_config_for, model_init_fn
 from manifold_lab.train.optim import make_optimizer
+from manifold_lab.train.run_dir import RunDir, config_digest
 from manifold_lab.train.step import (init_state, make_eval_batch_fn, make_memory_eval, make_memory_step,
-                                     make_stream_step, reset_sums, split_state)
+                                     make_stream_step, reset_sums)
 
 #: Exit code of the command line when training diverges (non-finite loss).
 EXIT_DIVERGED = 3
@@ -134,9 +135,9 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
         else:
             for c, d in zip(cfgs, dirs):
                 if main:
-                    records.write_config(d, c.to_dict(), _resolved_info(plan, mcfg, n_params, len(cfgs)),
-                                         dataclasses.asdict(mcfg), records.environment_info(list(mesh.devices.flat)))
-        logs = [records.MetricsLog(d / records.METRICS_FILE, resume_step=start, enabled=main) for d in dirs]
+                    RunDir(d).write_config(c.to_dict(), _resolved_info(plan, mcfg, n_params, len(cfgs)),
+                                           dataclasses.asdict(mcfg), records.environment_info(list(mesh.devices.flat)))
+        logs = [records.MetricsLog(RunDir(d).metrics_path, resume_step=start, enabled=main) for d in dirs]
         progress = [records.Progress(plan.total_steps, label=f"[seed {c.seed}]" if batched else "",
                                      enabled=main and verbose) for c in cfgs]
         if start is not None:
@@ -151,7 +152,7 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
         summaries = [_summary(c, plan, log.records, n_params) for c, log in zip(cfgs, logs)]
         if main:
             for d, summary in zip(dirs, summaries):
-                records.write_summary(d, summary)
+                RunDir(d).write_summary(summary)
         return summaries
     finally:
         for c in ckpts:
@@ -173,17 +174,17 @@ def _seed_runs(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
 
 def _existing_runs(cfgs: list[TrainConfig], dirs: list[Path], resume: bool) -> list[dict[str, Any]] | None:
     """Check run directories against the configs; the summaries when every run is already complete."""
-    for c, d in zip(cfgs, dirs):
-        has_run = (d / records.CONFIG_FILE).exists() or (d / CHECKPOINT_DIR).exists()
-        if has_run and not resume:
-            raise UsageError(f"{d} already holds a run: pass --resume or choose another --out")
-        if (d / records.CONFIG_FILE).exists():
-            saved = TrainConfig.from_dict(records.read_json(d / records.CONFIG_FILE, "run config")).resolved()
+    runs = [RunDir(d) for d in dirs]
+    for c, run in zip(cfgs, runs):
+        if run.holds_run() and not resume:
+            raise UsageError(f"{run.path} already holds a run: pass --resume or choose another --out")
+        if run.config_path.exists():
+            saved = run.train_config().resolved()
             diff = [f.name for f in dataclasses.fields(c) if getattr(saved, f.name) != getattr(c, f.name)]
             if diff:
-                raise UsageError(f"cannot resume {d}: the config differs in {', '.join(diff)}")
-    if resume and all(records.is_complete(d) for d in dirs):
-        return [records.read_json(d / records.SUMMARY_FILE, "run summary") for d in dirs]
+                raise UsageError(f"cannot resume {run.path}: the config differs in {', '.join(diff)}")
+    if resume and all(run.is_complete() for run in runs):
+        return [run.summary() for run in runs]
     return None
 
 
@@ -203,38 +204,6 @@ def _plan(cfg: TrainConfig, train_data: Any, test_data: Any, mesh: jax.sharding.
                 eval_batch_size=eval_bs, train_size=len(train_data), test_size=len(test_data),
                 num_classes=train_data.num_classes, image_shape=tuple(train_data.image_shape),
                 num_devices=n_dev)
-
-
-def model_config_for(cfg: TrainConfig, num_classes: int, in_channels: int) -> Any:
-    """The model config of a resolved TrainConfig for data with these classes and channels."""
-    fields: dict[str, Any] = dict(width=cfg.width, num_classes=num_classes,
-                                  in_channels=in_channels, preset=cfg.preset,
-                                  depthwise_impl=cfg.depthwise_impl, padding=cfg.padding,
-                                  dropout_rate=cfg.dropout_rate, bn_momentum=cfg.bn_momentum,
-                                  compute_dtype=cfg.compute_dtype)
-    if cfg.model == "mobilenet_v2":
-        fields.update(bottleneck_activation=cfg.bottleneck_activation, residual=cfg.residual)
-    try:
-        return model_config(cfg.model, **fields)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-@functools.lru_cache(maxsize=16)
-def abstract_model(mcfg: Any) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
-    """``(graphdef, params, batch_stats)`` of the model without allocating it (shapes only; the
-    states as pure dicts, :func:`~manifold_lab.train.step.split_state`)."""
-    return split_state(nnx.eval_shape(lambda: build_model(mcfg, rngs=nnx.Rngs(0))))
-
-
-def model_init_fn(mcfg: Any) -> Any:
-    """Pure ``seed -> (params, batch_stats)``: the model initialised from ``nnx.Rngs(seed)``
-    (jit it: one program instead of one small compile per initialiser), as pure dicts
-    (:func:`~manifold_lab.train.step.split_state`)."""
-    def init(seed: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
-        _, params, batch_stats = split_state(build_model(mcfg, rngs=nnx.Rngs(jax.random.key(seed))))
-        return params, batch_stats
-    return init
 
 
 def _resolved_info(plan: Plan, mcfg: Any, n_params: int, seeds_in_program: int) -> dict[str, Any]:
@@ -326,7 +295,7 @@ def _programs(key: _ProgramKey) -> _Programs:
     batch_sh = sharding.batch_sharded(mesh)
     if key.streaming:
         step = make_stream_step(graphdef, tx, mean=key.mean, std=key.std, dtype=cfg.compute_dtype,
-                                bn_decay=cfg.bn_momentum, label_smoothing=cfg.label_smoothing,
+                                bn_decay=cfg.bn_decay, label_smoothing=cfg.label_smoothing,
                                 ema_decay=cfg.ema_decay)
         step_jit = jax.jit(step, donate_argnums=0, out_shardings=rep)
         evaluate = jax.jit(make_eval_batch_fn(graphdef), out_shardings=rep)
@@ -334,7 +303,7 @@ def _programs(key: _ProgramKey) -> _Programs:
             graphdef, mean=key.mean, std=key.std, dtype=cfg.compute_dtype), out_shardings=rep)
         permutation = None
     else:
-        step = make_memory_step(graphdef, tx, key.spec, bn_decay=cfg.bn_momentum,
+        step = make_memory_step(graphdef, tx, key.spec, bn_decay=cfg.bn_decay,
                                 label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay,
                                 batch_sharding=batch_sh)
         evaluate = make_memory_eval(graphdef, batch_size=key.eval_batch_size,
@@ -558,5 +527,5 @@ def _summary(cfg: TrainConfig, plan: Plan, recs: list[dict[str, Any]], n_params:
         "train_images_per_second": statistics.median(speeds),
         "params": n_params,
         "seed": cfg.seed,
-        "config_sha256": records.config_digest(cfg.to_dict()),
+        "config_sha256": config_digest(cfg.to_dict()),
     }

@@ -1,19 +1,16 @@
-"""A run directory's files: ``config.json``, ``metrics.jsonl``, ``summary.json``, and the console.
+"""What a training run records as it goes: ``metrics.jsonl`` lines, the console, and the environment.
 
-* ``config.json``: the TrainConfig fields at the top level (so ``TrainConfig.from_dict`` reads it back)
-  plus ``resolved`` (learning rate, steps per epoch, total steps, dataset sizes, ...),
-  ``model_config`` and ``environment`` (package versions, git commit, devices).
-* ``metrics.jsonl``: one JSON object per logging step: ``step``, ``epoch``, ``loss`` (mean training
-  loss since the previous line), ``train_accuracy`` (likewise), ``learning_rate`` (of the last step),
-  ``images_per_second`` (training images of this run per second over the interval; with k vmapped
-seeds, per seed), ``elapsed_s`` (wall time so far, across resumes), and
-  ``test_loss``/``test_accuracy`` at evaluations. Each line is appended with a single ``write``.
-* ``summary.json``: written last and atomically; its presence marks a finished run.
+``metrics.jsonl`` holds one JSON object per logging step: ``step``, ``epoch``, ``loss`` (mean
+training loss since the previous line), ``train_accuracy`` (likewise), ``learning_rate`` (of the last
+step), ``images_per_second`` (training images of this run per second over the interval; with k
+vmapped seeds, per seed), ``elapsed_s`` (wall time so far, across resumes), and at evaluations
+``test_loss``/``test_accuracy`` (the reported BatchNorm protocol, ``eval_bn``) with each measured
+protocol's ``test_loss_<protocol>``/``test_accuracy_<protocol>``. Each line is appended with a single
+``write``. The run directory's other files belong to :mod:`manifold_lab.train.run_dir`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,21 +22,11 @@ from typing import Any, TextIO
 
 import jax
 
-from manifold_lab.atomic import atomic_write_json, atomic_write_text
-from manifold_lab.cli import UsageError
+from manifold_lab.atomic import atomic_write_text
+from manifold_lab.train.run_dir import read_metrics
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-SUMMARY_KEYS = ("final_test_accuracy", "final_test_loss", "steps", "epochs", "wall_time_s",
-                "train_images_per_second", "params")
 TIMING_KEYS = ("images_per_second", "elapsed_s")
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain")
-
-
-def config_digest(train_fields: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of the TrainConfig fields (ties summary.json to config.json)."""
-    return hashlib.sha256(json.dumps(train_fields, sort_keys=True).encode()).hexdigest()
 
 
 def git_commit() -> str | None:
@@ -73,51 +60,6 @@ def environment_info(devices: list[Any]) -> dict[str, Any]:
     }
 
 
-def write_config(run_dir: Path, train_fields: dict[str, Any], resolved: dict[str, Any],
-                 model_config: dict[str, Any], environment: dict[str, Any]) -> None:
-    """Write ``config.json`` atomically."""
-    atomic_write_json(run_dir / CONFIG_FILE, {**train_fields, "resolved": resolved,
-                                              "model_config": model_config, "environment": environment})
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; UsageError naming ``what`` when missing or corrupt."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"no {what} at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"corrupt {what} {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"corrupt {what} {path}: not a JSON object")
-    return data
-
-
-def read_metrics(path: Path, *, drop_partial_tail: bool = False) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (empty when absent). A corrupt line raises UsageError,
-    except an unterminated last line when ``drop_partial_tail`` (a run killed mid-append)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read metrics {path}: {exc}") from None
-    lines = text.split("\n")
-    tail = lines.pop()  # "" when the file ends with a newline
-    if tail and not drop_partial_tail:
-        lines.append(tail)
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"corrupt metrics {path}: line {number} is not JSON") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise UsageError(f"corrupt metrics {path}: line {number} has no step")
-        records.append(record)
-    return records
-
-
 class MetricsLog:
     """Appends records to ``metrics.jsonl``; on resume, keeps exactly the records up to the restored
     step (later ones are replayed by the resumed run)."""
@@ -142,35 +84,6 @@ class MetricsLog:
             os.write(fd, line)
         finally:
             os.close(fd)
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Write ``summary.json`` atomically (the last file of a run)."""
-    atomic_write_json(run_dir / SUMMARY_FILE, summary)
-
-
-def is_complete(run_dir: str | os.PathLike[str]) -> bool:
-    """True when ``summary.json`` exists, is valid, and matches ``config.json`` (same config digest
-    and the planned number of steps)."""
-    run_dir = Path(run_dir)
-    try:
-        config = read_json(run_dir / CONFIG_FILE, "run config")
-        summary = read_json(run_dir / SUMMARY_FILE, "run summary")
-    except UsageError:
-        return False
-    if any(key not in summary for key in SUMMARY_KEYS):
-        return False
-    fields = {k: v for k, v in config.items() if k not in ("resolved", "model_config", "environment")}
-    resolved = config.get("resolved")
-    return (summary.get("config_sha256") == config_digest(fields) and isinstance(resolved, dict)
-            and summary["steps"] == resolved.get("total_steps"))
-
-
-def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(config.json as a dict, metrics records)``; UsageError when missing or corrupt."""
-    run_dir = Path(run_dir)
-    config = read_json(run_dir / CONFIG_FILE, "run config")
-    return config, read_metrics(run_dir / METRICS_FILE)
 
 
 class Progress:
