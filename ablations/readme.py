@@ -45,9 +45,9 @@ def results_block(preset: Preset, studies: Sequence[tuple[Study, Sequence[Varian
     table = markdown_table(("comparison", "paper (ImageNet)", "ours: paired difference [CI]", "detectable",
                             f"verdict, {label}"), rows)
     seeds = max(len(vr.runs) for _, results in studies for vr in results)
-    return (f"Preset `{preset.name}`, up to {seeds} seeds per arm, final test accuracy in percent; "
-            "paired differences with Holm-adjusted 95% intervals; detectable: the smallest true "
-            "difference the paired seeds find with 80% power at the observed spread.\n\n"
+    return (f"Up to {seeds} seeds per arm, final test accuracy in percent; paired differences with "
+            "Holm-adjusted 95% intervals; detectable: the smallest true difference the paired seeds "
+            "find with 80% power at the observed spread.\n\n"
             f"{table}\n" + " ".join(f"Baseline ({', '.join(labels)}): {acc}." for acc, labels in baselines.items())
             + "\n")
 

@@ -8,6 +8,7 @@ rate is runtime data, so the divergence test with lr=1e30 reuses it too).
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -388,3 +389,16 @@ def test_imagefolder_training_end_to_end(tiny_imagefolder: Path, tmp_path: Path)
     assert _strip_timing(load_run(part)[1]) == _strip_timing(recs)
     with pytest.raises(UsageError, match="in-memory"):
         train_seeds(cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], verbose=False)
+
+
+def test_cli_help_is_grouped_and_generated_from_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    from manifold_lab.train.__main__ import GROUPS, build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"\n{title}:\n" in text for title in GROUPS.values())
+    assert "--layout" in text and "--preset" not in text
+    assert "--bn-decay BN_DECAY" in text and "(default: 0.997)" in text
+    flags = set(re.findall(r"(--[a-z-]+)", text))
+    assert {"--no-augment", "--dropout", "--ema", "--devices", "--epochs", "--steps"} <= flags

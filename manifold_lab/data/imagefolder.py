@@ -184,7 +184,7 @@ class ImageFolder:
 
 def _absl_flags_parsed() -> None:
     """Grain 0.2.x reads an Abseil flag in ``mp_prefetch`` and fails with ``UnparsedFlagAccessError``
-    in programs that never parse Abseil flags (google/grain#1355, fixed upstream by #1362): mark
+    in programs that never parse Abseil flags (fixed in later Grain releases): mark
     them parsed (keeping defaults) when nobody has."""
     from absl import flags
 

@@ -329,7 +329,7 @@ def _programs(key: _ProgramKey) -> _Programs:
 # ----------------------------------------------------------------------------- the loop
 
 class _Loop:
-    """State of one training session (host side)."""
+    """State of one call of the training loop (host side): counters, timers, logs."""
 
     def __init__(self, cfgs: list[TrainConfig], dirs: list[Path], plan: Plan, programs: _Programs,
                  mesh: jax.sharding.Mesh, ckpts: list[Checkpointer], logs: list[records.MetricsLog],
@@ -341,8 +341,8 @@ class _Loop:
         self.batch = cfgs[0].batch_size
         last = logs[0].records[-1] if logs[0].records else None
         self.elapsed_before = float(last["elapsed_s"]) if last else 0.0
-        self.session_start = time.perf_counter()
-        self.mark_time = self.session_start
+        self.call_start = time.perf_counter()
+        self.mark_time = self.call_start
         self.mark_step = 0
         self.interrupted = False
 
@@ -448,7 +448,7 @@ class _Loop:
         ips = (step - self.mark_step) * self.batch / max(now - self.mark_time, 1e-9)
         lr = self.cfgs[0].lr * float(self.p.unit_schedule(step - 1))
         test = evaluate(state) if self.plan.is_eval_step(step) else None
-        elapsed = self.elapsed_before + time.perf_counter() - self.session_start
+        elapsed = self.elapsed_before + time.perf_counter() - self.call_start
         for i in range(self.k):
             record = {"step": step, "epoch": round(step / self.plan.steps_per_epoch, 6),
                       "loss": float(loss[i]), "train_accuracy": float(acc[i]), "learning_rate": lr,
