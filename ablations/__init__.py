@@ -1,0 +1,33 @@
+"""The paper's ablations: studies and presets (:mod:`ablations.studies`), the sweep runner
+(:mod:`ablations.run`), the measuring step, statistics, figures and the report.
+
+```python
+from ablations import run_sweep, load_preset_file
+result = run_sweep("fig6a", "quick", "results", overrides={"steps": 100, "seeds": 2}, workers=2)
+```
+The names are imported on first use, so that ``import ablations`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "run_sweep": "ablations.run",
+    "SweepResult": "ablations.run",
+    "Preset": "ablations.studies",
+    "PRESETS": "ablations.studies",
+    "STUDIES": "ablations.studies",
+    "get_preset": "ablations.studies",
+    "apply_overrides": "ablations.studies",
+    "load_preset_file": "ablations.studies",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -11,6 +11,8 @@ complete runs, see :mod:`ablations.results`) and the measurement files of
   test accuracy against step per variant, mean and 95% t band over seeds), ``width`` (Fig. 5: test
   accuracy against multiply-adds per width; the published checkpoints beside) and ``activations``
   (Fig. 7: positive channels after each expansion ReLU6 of the trained baseline and at step 0);
+- ``appendix_a.png``: the Appendix A audit of the ``fig6a`` networks (Lemma 2 per expanded layer,
+  active units against the threshold, block-input decoders, clipping), trained and at step 0;
 - ``tables.md``: Table 2, Table 3 and the Table 4 analogue (with measured accuracy and latency);
 - ``REPORT.md``: claims, our numbers with intervals, differences and verdicts, and where every
   measured number comes from.
@@ -35,12 +37,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold_lab.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 from manifold_lab.cli import ArgumentParser, UsageError, run_main, writable_dir  # noqa: E402
-from ablations import plots, readme, report  # noqa: E402
+from ablations import plots, readme, report, report_appendix_a  # noqa: E402
 from ablations.activity import LayerActivity  # noqa: E402
 from ablations.cli import check_readable_dir, open_results  # noqa: E402
-from ablations.measurements import (MEASUREMENTS_DIR, SPIRAL, TABLES, Measurement, current,  # noqa: E402
-                                    array_from_json, device_label, hardware, measurement_names, read_measurement,
-                                    spiral_inputs, study_inputs, tables_inputs)
+from ablations.measurements import (APPENDIX_A, APPENDIX_A_STUDY, MEASUREMENTS_DIR, SPIRAL, TABLES,  # noqa: E402
+                                    Measurement, appendix_a_inputs, array_from_json, current, device_label,
+                                    hardware, measurement_names, read_measurement, spiral_inputs, study_inputs,
+                                    tables_inputs)
 from ablations.plan import preset_dir  # noqa: E402
 from ablations.results import VariantResults, load_study  # noqa: E402
 from ablations.studies import ALL_STUDIES, PRESETS, STUDIES, Preset, Study  # noqa: E402
@@ -171,6 +174,30 @@ def activations_section(ctx: Context, study: Study) -> report.Section:
                                provenance=f"Statistics {measured.cite()}.")
 
 
+def appendix_a_section(ctx: Context) -> report.Section:
+    """Appendix A in trained networks: the measured audits of the ``fig6a`` networks."""
+    study = STUDIES[APPENDIX_A_STUDY]
+    inputs = appendix_a_inputs(ctx.preset, ctx.study(study.name))
+    if inputs is None:
+        return report_appendix_a.appendix_a_section(
+            study, None, None, f"no seed at which every {study.name} variant has a completed run",
+            skipped="skipped: no results")
+    measured, note = ctx.measurement(APPENDIX_A, inputs)
+    if measured is None:
+        return report_appendix_a.appendix_a_section(study, None, None, note, skipped=NOT_MEASURED)
+    try:
+        audits = report_appendix_a.read_audits(measured.data, report_appendix_a.variants(study))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"corrupt measurement {MEASUREMENTS_DIR}/{APPENDIX_A}.json: "
+                         f"{exc.__class__.__name__}: {exc}") from None
+    labels = report_appendix_a.network_labels(study)
+    ref = report_appendix_a.variants(study)[0]
+    fig = plots.plot_appendix_a({labels[k]: audits.networks[k] for k in labels},
+                                labels[(ref, report_appendix_a.TRAINED)], labels[(ref, report_appendix_a.STEP0)])
+    return report_appendix_a.appendix_a_section(study, audits, ctx.save(fig, "appendix_a.png"),
+                                                provenance=f"Audits {measured.cite()}.")
+
+
 #: The section of each study kind (:attr:`ablations.studies.Study.kind`).
 SECTIONS: dict[str, Callable[[Context, Study], report.Section]] = {
     "curves": curve_section, "width": width_section, "activations": activations_section}
@@ -242,6 +269,7 @@ def build_all(ctx: Context) -> list[report.Section]:
     """Every figure and section, in report order (``tables.md`` written on the way)."""
     studies = report_studies(ctx)
     sections = [spiral_section(ctx)] + [SECTIONS[s.kind](ctx, s) for s in studies]
+    sections.append(appendix_a_section(ctx))
     sections.append(write_tables(ctx, studies))
     return sections
 

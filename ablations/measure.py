@@ -13,7 +13,17 @@ Writes ``RESULTS/<preset>/measurements/<name>.json`` (layout: :mod:`ablations.me
   MobileNetV1 (1.0) at the same geometry (untrained, timed with constant weights);
 - one file per study of kind ``activations`` (``fig7``): positive channels after each expansion
   ReLU6 of the trained baseline (seed 0) and of its step-0 network (batch and running statistics)
-  over the first ``fig7_images`` test images.
+  over the first ``fig7_images`` test images;
+- ``appendix_a``: the Appendix A audit (:mod:`manifold_lab.invertibility`) of every seed at which
+  both ``fig6a`` variants completed: the trained linear and ReLU6 bottleneck networks and their
+  step-0 networks (the trainer's initialisation, with the population BatchNorm statistics of the
+  training images), on the first ``fig7_images`` test images, the block-input decoders fitted on
+  the first ``audit_train_images`` training images for blocks whose output has at most
+  ``audit_decoder_features`` values. ``data``: ``dataset``, ``study``, ``images``,
+  ``train_images``, ``batch_size`` and ``networks``, a list of ``{"variant", "state"
+  ("trained" or "step0"), "seed", "run", "blocks"}`` whose ``blocks`` are the
+  :meth:`manifold_lab.invertibility.BlockAudit.to_dict` objects of the network's 17 blocks
+  (read back by :mod:`ablations.audit_records`).
 
 Each file records what was measured, from which runs, on which device and host and when, so that
 ``python -m ablations.figures`` renders the report from files alone on any machine. Re-running
@@ -42,8 +52,10 @@ import numpy as np
 
 from manifold_lab.cli import ArgumentParser, UsageError, run_main, writable_dir
 from ablations.cli import open_results
-from ablations.measurements import (MEASURED, SPIRAL, SPIRAL_SEED, TABLES, TABLES_RESOLUTION, TABLES_WIDTH,
-                                    UNAVAILABLE, Measurement, measurement_names, measurements_dir, spiral_inputs,
+from ablations.audit_records import whole_batches
+from ablations.measurements import (APPENDIX_A, APPENDIX_A_STUDY, MEASURED, SPIRAL, SPIRAL_SEED, TABLES,
+                                    TABLES_RESOLUTION, TABLES_WIDTH, UNAVAILABLE, Measurement, appendix_a_inputs,
+                                    appendix_a_seeds, measurement_names, measurements_dir, spiral_inputs,
                                     study_inputs, tables_inputs, write_measurement)
 from ablations.plan import preset_dir
 from ablations.results import SeedRun, VariantResults, load_study
@@ -217,19 +229,29 @@ def measure_width(ctx: Context, study: Study) -> Outcome:
 
 
 @functools.lru_cache(maxsize=4)
-def _test_split(dataset: str, data_dir: str | None, image_size: int | None) -> Any:
+def _splits(dataset: str, data_dir: str | None, image_size: int | None) -> Any:
     from manifold_lab.data import load_dataset
-    return load_dataset(dataset, data_dir=data_dir, image_size=image_size)[1]
+    return load_dataset(dataset, data_dir=data_dir, image_size=image_size)
+
+
+def _first_images(config: dict[str, Any], count: int, split: int) -> np.ndarray | None:
+    from manifold_lab.data import normalize
+    images = _splits(config["dataset"], config.get("data_dir"), config.get("image_size"))[split]
+    if not hasattr(images, "images"):
+        return None
+    return np.asarray(normalize(images.images[:count], images.mean, images.std))
 
 
 def test_images(config: dict[str, Any], count: int) -> np.ndarray | None:
     """The first ``count`` test images of a run's dataset, normalised as in training (float32
     NHWC); None when the dataset is streamed (no in-memory test split)."""
-    from manifold_lab.data import normalize
-    test = _test_split(config["dataset"], config.get("data_dir"), config.get("image_size"))
-    if not hasattr(test, "images"):
-        return None
-    return np.asarray(normalize(test.images[:count], test.mean, test.std))
+    return _first_images(config, count, 1)
+
+
+def train_images(config: dict[str, Any], count: int) -> np.ndarray | None:
+    """The first ``count`` training images of a run's dataset, normalised as in training (in file
+    order, without augmentation); None when the dataset is streamed."""
+    return _first_images(config, count, 0)
 
 
 def initial_model(run_dir: Path) -> Any:
@@ -269,6 +291,52 @@ def measure_activations(ctx: Context, study: Study) -> Outcome:
                                   "networks": {k: [a.to_json() for a in v] for k, v in networks.items()}})
 
 
+#: Images per batch of the audit's forward passes.
+AUDIT_BATCH = 128
+
+
+def _audit_pair(run: SeedRun, test: np.ndarray, train: np.ndarray, batch_size: int,
+                max_features: int) -> dict[str, Any]:
+    """The audits (JSON) of one run's trained network and of its step-0 network."""
+    import manifold_lab.train as trainer
+    from manifold_lab.invertibility import audit_model, with_population_statistics
+
+    trained = trainer.restore_model(run.run_dir)
+    step0 = with_population_statistics(initial_model(run.run_dir), train, batch_size=batch_size)
+    return {state: [b.to_dict() for b in audit_model(model, test, train, batch_size=batch_size,
+                                                        max_decoder_features=max_features)]
+            for state, model in (("trained", trained), ("step0", step0))}
+
+
+def measure_appendix_a(ctx: Context) -> Outcome:
+    """Appendix A in trained networks: every paired seed of ``fig6a``, trained and at step 0."""
+    study = STUDIES[APPENDIX_A_STUDY]
+    results = ctx.study(study.name)
+    inputs = appendix_a_inputs(ctx.preset, results)
+    if inputs is None:
+        raise NotMeasured(f"no seed with every {study.name} variant completed under {ctx.root}; "
+                          f"{ctx.train_hint(study)}")
+    p, paired = ctx.preset, appendix_a_seeds(results)
+    config = next(iter(paired.values()))[study.baseline].config
+    what = (f"Appendix A audit: {study.name} networks ({', '.join(v.name for v in study.variants)}; trained and "
+            f"step 0) at {len(paired)} seeds, {p.fig7_images} test images, decoders fitted on "
+            f"{p.audit_train_images} training images")
+    test, train = test_images(config, p.fig7_images), train_images(config, p.audit_train_images)
+    if test is None or train is None:
+        return Outcome(what, inputs, {}, f"dataset {config['dataset']!r} is streamed; the audit needs "
+                                         "in-memory splits")
+    test, train = whole_batches(test, AUDIT_BATCH), whole_batches(train, AUDIT_BATCH)
+    networks = []
+    for seed, runs in paired.items():
+        for variant, run in runs.items():
+            audits = _audit_pair(run, test, train, AUDIT_BATCH, p.audit_decoder_features)
+            networks += [{"variant": variant, "state": state, "seed": seed, "run": run.run_dir.name,
+                          "blocks": blocks} for state, blocks in audits.items()]
+    return Outcome(what, inputs, {"dataset": config["dataset"], "study": study.name, "images": int(len(test)),
+                                  "train_images": int(len(train)), "batch_size": AUDIT_BATCH,
+                                  "networks": networks})
+
+
 #: Measurer of each study kind that needs one (:data:`ablations.measurements.MEASURED_KINDS`).
 KIND_MEASURERS: dict[str, Callable[[Context, Study], Outcome]] = {
     "width": measure_width, "activations": measure_activations}
@@ -276,7 +344,8 @@ KIND_MEASURERS: dict[str, Callable[[Context, Study], Outcome]] = {
 
 def measurers() -> dict[str, Callable[[Context], Outcome]]:
     """Every measurement by name, in the order they are made."""
-    fixed: dict[str, Callable[[Context], Outcome]] = {SPIRAL: measure_spiral, TABLES: measure_tables}
+    fixed: dict[str, Callable[[Context], Outcome]] = {SPIRAL: measure_spiral, TABLES: measure_tables,
+                                                      APPENDIX_A: measure_appendix_a}
     return {name: fixed.get(name) or functools.partial(KIND_MEASURERS[STUDIES[name].kind], study=STUDIES[name])
             for name in measurement_names()}
 
@@ -323,8 +392,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--results", default="results", help="results folder (default results/)")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help=f"make only this measurement (repeatable): {', '.join(measurers())}")
-    parser.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one (Fig. 7 reads "
-                                                         "test images)")
+    parser.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one (Fig. 7 and "
+                                                         "the Appendix A audit read images)")
     return parser
 
 

@@ -18,10 +18,11 @@ that rendering only reads files and gives the same bytes on any machine:
       "data": {...}                        # the numbers (layout per measurement, in ablations.measure)
     }
 
-Names: ``spiral`` (Fig. 1 / Theorem 1), ``tables`` (Tables 2 and 3 from the cost model) and one per
+Names: ``spiral`` (Fig. 1 / Theorem 1), ``tables`` (Tables 2 and 3 from the cost model), one per
 study whose kind needs a network measured (:data:`MEASURED_KINDS`): ``fig5`` (costs and latency per
-width), ``fig7`` (positive-channel statistics). ``inputs`` holds the preset's sizes and, for the
-studies, the id and config digest of each run used: the renderer recomputes them from the results
+width), ``fig7`` (positive-channel statistics), and ``appendix_a`` (the per-layer invertibility
+audit of every paired seed of ``fig6a``, :data:`APPENDIX_A`). ``inputs`` holds the preset's sizes
+and, for the studies, the id and config digest of each run used: the renderer recomputes them from the results
 folder and treats a measurement whose inputs differ as out of date (it says so, with the command
 that refreshes it), so a re-trained or newly finished run is never reported with old numbers.
 
@@ -46,6 +47,8 @@ from ablations.studies import STUDIES, Preset, Study
 FORMAT = 1
 MEASUREMENTS_DIR = "measurements"
 SPIRAL, TABLES = "spiral", "tables"
+#: The Appendix A audit of trained networks, and the study whose paired runs it audits.
+APPENDIX_A, APPENDIX_A_STUDY = "appendix_a", "fig6a"
 MEASURED, UNAVAILABLE = "measured", "unavailable"
 #: Study kinds whose figure needs a network measured (the file is named after the study).
 MEASURED_KINDS: tuple[str, ...] = ("width", "activations")
@@ -113,9 +116,9 @@ def device_label(measurement: Measurement) -> str:
 
 
 def measurement_names() -> list[str]:
-    """Every measurement, in the order they are made: the spiral, the cost-model tables, then the
-    studies whose kind needs a network measured."""
-    return [SPIRAL, TABLES, *(s.name for s in STUDIES.values() if s.kind in MEASURED_KINDS)]
+    """Every measurement, in the order they are made: the spiral, the cost-model tables, the
+    studies whose kind needs a network measured, then the Appendix A audit (the longest)."""
+    return [SPIRAL, TABLES, *(s.name for s in STUDIES.values() if s.kind in MEASURED_KINDS), APPENDIX_A]
 
 
 def measurements_dir(root: Path) -> Path:
@@ -197,6 +200,26 @@ def study_inputs(study: Study, preset: Preset, results: Sequence[VariantResults]
     if study.kind == "activations":
         return {"runs": runs, "images": preset.fig7_images}
     return {"runs": runs, "latency_repeats": preset.latency_repeats}
+
+
+def appendix_a_seeds(results: Sequence[VariantResults]) -> dict[int, dict[str, SeedRun]]:
+    """``{seed: {variant: run}}`` of the seeds at which every variant of the audited study has a
+    completed run (the pairs: runs of one seed share initial weights and data order)."""
+    by_variant = {vr.variant.name: {r.seed: r for r in vr.runs} for vr in results}
+    seeds = sorted(set.intersection(*(set(runs) for runs in by_variant.values()))) if by_variant else []
+    return {seed: {name: runs[seed] for name, runs in by_variant.items()} for seed in seeds}
+
+
+def appendix_a_inputs(preset: Preset, results: Sequence[VariantResults]) -> dict[str, Any] | None:
+    """The Appendix A audit's inputs: every paired run of :data:`APPENDIX_A_STUDY` (by seed and
+    variant) and the preset's sizes; None without a seed at which every variant completed."""
+    paired = appendix_a_seeds(results)
+    if not paired:
+        return None
+    return {"study": APPENDIX_A_STUDY, "runs": {str(seed): {v: run_input(r) for v, r in runs.items()}
+                                                for seed, runs in paired.items()},
+            "images": preset.fig7_images, "train_images": preset.audit_train_images,
+            "max_decoder_features": preset.audit_decoder_features}
 
 
 def _normal(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Plots of the ablation figures (Fig. 5, 6 and 7) from numbers already read or measured.
+"""Plots of the ablation figures (Fig. 5, 6 and 7, the Appendix A audit) from numbers already read
+or measured.
 
 Pure matplotlib on the Agg backend: every function returns a Figure (the caller saves and closes
 it) and nothing here imports JAX. Fig. 1's panels come from :mod:`manifold_lab.spiral.plotting`.
@@ -6,7 +7,7 @@ it) and nothing here imports JAX. Fig. 1's panels come from :mod:`manifold_lab.s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -17,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from ablations import stats  # noqa: E402
 from ablations.activity import LayerActivity  # noqa: E402
+from ablations.audit_records import BlockRecord, expanded_blocks, pooled_histogram, pooled_share  # noqa: E402
 from ablations.results import VariantResults  # noqa: E402
 from ablations.studies import PAPER_WIDTH_CHECKPOINTS, Study  # noqa: E402
 from ablations.tables import WidthRow  # noqa: E402
@@ -144,5 +146,123 @@ def plot_fig7(init: Sequence[LayerActivity], trained: Sequence[LayerActivity],
     ax.legend(fontsize=7)
     for ax in axes[1]:
         ax.set_xlabel("expanded layer (t = 6 bottleneck)")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------- Appendix A audits
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend when the axes hold labelled artists (a panel may have nothing to show)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+def _blocks_axis(ax: Any, indices: Sequence[int]) -> None:
+    """x axis labelled by block index."""
+    ax.set_xticks(list(indices))
+    ax.set_xlabel("bottleneck block")
+    ax.grid(True, alpha=0.3)
+
+
+def _plot_active(ax: Any, expanded: Sequence[BlockRecord], label: str, color: str) -> None:
+    """Median fraction of active units per expanded layer with its 5-95% and interquartile bands."""
+    x = [b.index for b in expanded]
+    q = np.array([b.active_percentiles((5, 25, 50, 75, 95)) for b in expanded])
+    ax.fill_between(x, q[:, 0], q[:, 4], color=color, alpha=0.12, lw=0)
+    ax.fill_between(x, q[:, 1], q[:, 3], color=color, alpha=0.3, lw=0)
+    ax.plot(x, q[:, 2], "o-", color=color, ms=3, label=f"{label}: median, IQR, 5-95%")
+
+
+def _plot_threshold(ax: Any, expanded: Sequence[BlockRecord]) -> None:
+    ax.plot([b.index for b in expanded], [b.threshold_fraction for b in expanded], "k--", lw=1.2,
+            label="threshold: input width / expanded width")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of expanded units active (0 < z < 6)")
+
+
+def plot_audit(blocks: Sequence[BlockRecord], title: str) -> Any:
+    """One audited network: (a) where Lemma 2 holds, (b) active units against the threshold,
+    (c) decoder explained variance and clipped share per block."""
+    fig, axes = plt.subplots(3, 1, figsize=(8.0, 10.0))
+    expanded = expanded_blocks(blocks)
+    x = [b.index for b in expanded]
+    ax = axes[0]
+    ax.plot(x, [100 * b.invertible_share for b in expanded], "o-", ms=4, label="Lemma 2 holds (rank = input width)")
+    ax.plot(x, [100 * b.below_threshold_share for b in expanded], "s--", ms=3,
+            label="fewer active units than input width")
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel("% of pixels")
+    ax.set_title(f"(a) Lemma 2 per expanded layer: {title}", fontsize=10)
+    ax.legend(fontsize=7)
+    _plot_active(axes[1], expanded, "active units", "tab:blue")
+    _plot_threshold(axes[1], expanded)
+    axes[1].set_title("(b) Active units per pixel against the invertibility threshold", fontsize=10)
+    axes[1].legend(fontsize=7, loc="lower left")
+    ax = axes[2]
+    for field, label, style in (("decoder_ev", "decoder explained variance (test)", "o-"),
+                                ("clipped_share", "projection outputs clipped", "^:")):
+        pts = [(b.index, 100 * getattr(b, field)) for b in blocks if getattr(b, field) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, ms=4, label=label)
+    evs = [100 * b.decoder_ev for b in blocks if b.decoder_ev is not None]
+    if not evs:
+        ax.text(0.5, 0.5, "no decoder fitted (no training images, or feature maps too large)",
+                transform=ax.transAxes, ha="center", fontsize=8, color="gray")
+    ax.set_ylim(max(min(evs + [0.0]) - 3, -100), 103)  # far worse decoders (overfitted) are cut off
+    ax.set_ylabel("%")
+    ax.set_title("(c) Block input decoded linearly from the block output", fontsize=10)
+    _legend(ax, fontsize=7)
+    for ax in axes:
+        _blocks_axis(ax, [b.index for b in blocks])
+    fig.tight_layout()
+    return fig
+
+
+def _seed_band(ax: Any, per_seed: Sequence[Sequence[BlockRecord]], field: str, label: str, style: str) -> None:
+    """Mean over seeds per block of ``field`` (percent) with its min-max band."""
+    index = [b.index for b in per_seed[0] if getattr(b, field) is not None]
+    if not index:
+        return
+    values = np.array([[100 * getattr(b, field) for b in blocks if b.index in index] for blocks in per_seed])
+    line, = ax.plot(index, values.mean(axis=0), style, ms=4, label=f"{label} (n={len(per_seed)})")
+    if len(per_seed) > 1:
+        ax.fill_between(index, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15, lw=0)
+
+
+def plot_appendix_a(networks: Mapping[str, Sequence[Sequence[BlockRecord]]], reference: str, step0: str) -> Any:
+    """Appendix A in trained networks, one curve per network kind (``networks``: label -> per-seed
+    audits): (a) Lemma 2 per expanded layer, pooled over seeds; (b) active units of ``reference``
+    and ``step0``, pooled; (c) decoder explained variance and (d) clipped share, mean and min-max
+    over seeds."""
+    fig, axes = plt.subplots(2, 2, figsize=(12.0, 8.0))
+    styles = ("o-", "^-", "s--", "v--")
+    first = next(iter(networks.values()))[0]
+    for (label, per_seed), style in zip(networks.items(), styles):
+        x = [b.index for b in expanded_blocks(per_seed[0])]
+        axes[0, 0].plot(x, [100 * s for s in pooled_share(per_seed)], style, ms=4, label=label)
+        _seed_band(axes[1, 0], per_seed, "decoder_ev", label, style)
+        _seed_band(axes[1, 1], per_seed, "clipped_share", label, style)
+    lowest = min(min(pooled_share(per_seed)) for per_seed in networks.values())
+    axes[0, 0].set_ylim(max(0.0, min(100 * lowest, 99.0) - 1.0), 100.5)
+    axes[0, 0].set_ylabel("% of pixels where Lemma 2 holds")
+    axes[0, 0].set_title("(a) Lemma 2's condition (rank = input width), pooled over seeds", fontsize=10)
+    for label, color in ((reference, "tab:blue"), (step0, "tab:orange")):
+        per_seed = networks[label]
+        pooled = [pooled_histogram(per_seed, k) for k in range(len(expanded_blocks(per_seed[0])))]
+        _plot_active(axes[0, 1], pooled, label, color)
+    _plot_threshold(axes[0, 1], expanded_blocks(first))
+    axes[0, 1].set_title("(b) Active units per pixel against the threshold, pooled over seeds", fontsize=10)
+    evs = [100 * b.decoder_ev for per_seed in networks.values() for blocks in per_seed for b in blocks
+           if b.decoder_ev is not None]
+    axes[1, 0].set_ylim(max(min(evs + [0.0]) - 3, -100), 103)  # far worse decoders (overfitted) are cut off
+    axes[1, 0].set_ylabel("explained variance of the block input, %")
+    axes[1, 0].set_title("(c) Best linear decoder of the block input from its output (test)", fontsize=10)
+    axes[1, 1].set_ylabel("% of projection outputs at a clip (<= 0 or >= 6)")
+    axes[1, 1].set_title("(d) Outputs clipped by the ReLU6 bottleneck", fontsize=10)
+    for ax in axes.ravel():
+        _blocks_axis(ax, [b.index for b in first])
+        _legend(ax, fontsize=7)
     fig.tight_layout()
     return fig

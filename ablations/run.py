@@ -11,6 +11,13 @@ sequential runs on 2 cores, ``benchmarks/README.md``); ``on``/``off`` force eith
 contiguous slices of the id-sorted run list (1-based), so a job array covers a sweep exactly once; ``--dry-run`` prints one line per run:
 ``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
 
+``--set KEY=VALUE`` (repeatable) changes the preset: a Preset field (``seeds=3``,
+``widths=[0.35,1.0]``) or a training field of every run (``epochs=3``, ``lr=0.05``), the value read
+as JSON, else as text; the run ids follow (they hash the configs), so a ``--set`` that changes no
+config keeps them. ``--preset-file FILE.py`` takes a user's preset instead of ``--preset``
+(:func:`ablations.studies.load_preset_file`). From Python, :func:`run_sweep` does what the command
+does (``from ablations import run_sweep``).
+
 When the sweep leaves every run of the preset's plan (``all`` at the preset's seed counts) done, it
 ends with the measuring step (:mod:`ablations.measure`: the spiral experiment, Fig. 7's statistics,
 costs and latency, written to ``RESULTS/<preset>/measurements/``), so that
@@ -21,19 +28,26 @@ costs and latency, written to ``RESULTS/<preset>/measurements/``), so that
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from manifold_lab.allocator import reexec_with_allocator
+from manifold_lab.atomic import atomic_write_text
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
 from ablations import measure
 from ablations.cli import check_readable_dir, resolve_preset
 from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, adopt_earlier_ids, build_plan,
                             describe_summary, parse_shard, preset_dir, run_status, shard)
-from ablations.studies import PRESETS, STUDIES, Preset
+from ablations.studies import (PRESETS, STUDIES, Preset, apply_overrides, get_preset, load_preset_file,
+                               parse_value, preset_to_dict)
 from ablations.workers import WorkerPool, cpu_groups, parse_cpus, pin_to_cpus, usable_cpus
 
 Log = Callable[[str], None]
@@ -189,18 +203,43 @@ def resolve_workers(choice: str | int, pending: int, multi_seed: str) -> int:
     return workers
 
 
-def child_command(args: argparse.Namespace, preset: Preset) -> Callable[[Run, Sequence[int]], list[str]]:
+def preset_args(preset: Preset, root: Path) -> list[str]:
+    """The flags that give a worker child ``preset``: ``--preset NAME`` for a preset as defined, else
+    ``--preset-file`` of the preset written to ``root/_presets/<digest>.json`` (overridden or user
+    presets)."""
+    data = preset_to_dict(preset)
+    if preset.name in PRESETS and preset_to_dict(get_preset(preset.name)) == data:
+        return ["--preset", preset.name]
+    text = json.dumps(data, sort_keys=True, indent=1)
+    path = root / "_presets" / f"{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not path.exists():
+        atomic_write_text(path, text + "\n")
+    return ["--preset-file", str(path)]
+
+
+def child_command(study: str, preset: Preset, out: Path, seeds: int | None, data_dir: str | None
+                  ) -> Callable[[Run, Sequence[int]], list[str]]:
     """The command line of a worker child that trains one run pinned to ``cpus``."""
+    given = preset_args(preset, preset_dir(out, preset))
+
     def command(run: Run, cpus: Sequence[int]) -> list[str]:
-        argv = [sys.executable, "-m", "ablations.run", args.study, "--preset", preset.name,
-                "--out", str(args.out), "--only", run.run_id, "--cpus", ",".join(map(str, cpus)),
+        argv = [sys.executable, "-m", "ablations.run", study, *given,
+                "--out", str(out), "--only", run.run_id, "--cpus", ",".join(map(str, cpus)),
                 "--workers", "1", "--multi-seed", "off"]
-        if args.seeds is not None:
-            argv += ["--seeds", str(args.seeds)]
-        if args.data_dir is not None:
-            argv += ["--data-dir", str(args.data_dir)]
+        if seeds is not None:
+            argv += ["--seeds", str(seeds)]
+        if data_dir is not None:
+            argv += ["--data-dir", str(data_dir)]
         return argv
     return command
+
+
+def override_arg(text: str) -> tuple[str, Any]:
+    """argparse type of ``--set``: ``KEY=VALUE``, the value parsed as JSON, else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), parse_value(value)
 
 
 def build_parser() -> ArgumentParser:
@@ -208,6 +247,13 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m ablations.run", description=__doc__.splitlines()[0])
     parser.add_argument("study", help=f"all, {', '.join(STUDIES)}")
     parser.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
+    parser.add_argument("--preset-file", default=None, metavar="FILE",
+                        help="a user preset instead of --preset: a .py file defining PRESET, get_preset() "
+                             "or one function returning an ablations.studies.Preset (or a .json preset)")
+    parser.add_argument("--set", dest="overrides", type=override_arg, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a preset field (seeds=3, widths=[0.35,1.0]) or a training field of "
+                             "its runs (epochs=3, lr=0.05); repeatable; values are JSON, else text")
     parser.add_argument("--seeds", type=positive_int, default=None,
                         help="seeds per variant (default: the preset's; fig7 always uses seed 0)")
     parser.add_argument("--out", default="results", help="results folder (default results/)")
@@ -230,6 +276,113 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def sweep_preset(preset: str | Preset, overrides: Mapping[str, Any] | Sequence[str] | None = None,
+                 preset_file: str | os.PathLike[str] | None = None) -> Preset:
+    """The preset of a sweep: ``preset_file`` if given (:func:`ablations.studies.load_preset_file`),
+    else ``preset`` (a name or a :class:`Preset`), with ``overrides`` applied
+    (:func:`ablations.studies.apply_overrides`; a mapping, or ``KEY=VALUE`` strings as ``--set``)."""
+    base = load_preset_file(preset_file) if preset_file is not None else (
+        preset if isinstance(preset, Preset) else resolve_preset(preset))
+    if overrides is None:
+        return base
+    if not isinstance(overrides, Mapping):
+        pairs = []
+        for text in overrides:
+            try:
+                pairs.append(override_arg(text))
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"--set: {exc}") from None
+        overrides = dict(pairs)
+    return apply_overrides(base, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What :func:`run_sweep` did: ``root`` (``OUT/<preset>``), the status of each run of the plan
+    afterwards (run id -> done, partial, missing or corrupt), the runs ``trained``, the ``failed``
+    ones (run id, reason) and the command's ``exit_code`` (0 all done, 1 something failed)."""
+
+    root: Path
+    status: dict[str, str]
+    trained: int
+    failed: list[tuple[str, str]]
+    exit_code: int
+
+
+def plan_runs(study: str, preset: Preset, *, seeds: int | None = None, data_dir: str | None = None,
+              shard_spec: str | None = None, only: Sequence[str] | None = None) -> list[Run]:
+    """The runs of ``study`` at ``preset``, restricted to a shard (``"i/N"``) and to ``only``."""
+    runs = build_plan(study, preset, seeds=seeds, data_dir=data_dir)
+    if shard_spec is not None:
+        runs = shard(runs, *parse_shard(shard_spec))
+    if only:
+        unknown = sorted(set(only) - {r.run_id for r in runs})
+        if unknown:
+            raise UsageError(f"--only: no run {unknown[0]!r} in this plan (see --dry-run)")
+        runs = [r for r in runs if r.run_id in only]
+    return runs
+
+
+def run_sweep(study: str, preset: str | Preset, out: str | os.PathLike[str] = "results", *,
+              workers: int | str = "auto", overrides: Mapping[str, Any] | Sequence[str] | None = None,
+              seeds: int | None = None, data_dir: str | None = None, multi_seed: str = "auto",
+              shard_spec: str | None = None, only: Sequence[str] | None = None, measure_after: bool = True
+              ) -> SweepResult:
+    """Train what is missing of ``study`` (``"all"`` or a study name) at ``preset`` (a name or a
+    :class:`Preset`, e.g. from :func:`ablations.studies.load_preset_file`) under ``out/<preset>``,
+    as ``python -m ablations.run`` does: finished runs skipped, partial ones resumed, corrupt ones
+    quarantined; ``workers`` side by side (``"auto"``: one per CPU core on a CPU; children are
+    ``python -m ablations.run`` processes), then the measuring step once the preset's whole plan
+    is done (``measure_after``). ``overrides``: ``{"epochs": 3, "seeds": 2}`` or ``["epochs=3"]``,
+    as ``--set`` (they change the run ids of the runs they change). Usable from a notebook::
+
+        from ablations import run_sweep
+        result = run_sweep("fig6a", "quick", "results", overrides={"steps": 100}, workers=2)
+        result.status   # {run id: "done", ...}
+    """
+    preset = sweep_preset(preset, overrides)
+    runs = plan_runs(study, preset, seeds=seeds, data_dir=data_dir, shard_spec=shard_spec, only=only)
+    out = Path(out)
+    check_readable_dir(out, "results folder")
+    root = preset_dir(out, preset)
+    check_readable_dir(root, "results folder")
+    writable_dir(root)
+    adopt_earlier_ids(root, runs, _log)
+    where = f" (shard {shard_spec})" if shard_spec else ""
+    pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in runs)
+    count = resolve_workers(workers, pending, multi_seed)
+    _log(f"{study} --preset {preset.name}{where}: {len(runs)} runs in {root}")
+    start = time.perf_counter()
+    if count > 1:
+        _log(f"{count} workers, one run each at a time")
+        sweep: Sweep | WorkerPool = WorkerPool(root, cpu_groups(count, usable_cpus()),
+                                               child_command(study, preset, out, seeds, data_dir), _log)
+        failed = sweep.execute(runs)
+    else:
+        sweep = Sweep(runs, root, multi_seed=use_multi_seed(multi_seed))
+        failed = sweep.execute()
+    _log(f"trained {sweep.trained} runs in {time.perf_counter() - start:.1f}s; "
+         f"{len(runs) - failed} of {len(runs)} complete")
+    for rid, why in sweep.failed:
+        print(f"failed: {rid}: {why}", file=sys.stderr)
+    code = 1 if failed else (0 if only or not measure_after else measure_if_complete(out, preset, data_dir))
+    status = {r.run_id: run_status(root / r.run_id, r.expected_config())[0] for r in runs}
+    return SweepResult(root, status, sweep.trained, list(sweep.failed), code)
+
+
+def dry_run(runs: Sequence[Run], preset: Preset, root: Path) -> int:
+    """``--dry-run``: one line per run (id, members, overrides, status) and a tally on stderr."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        status, _ = run_status(root / run.run_id, run.expected_config())
+        counts[status] = counts.get(status, 0) + 1
+        overrides = " ".join(f"{k}={v}" for k, v in sorted(run.overrides(preset).items()))
+        print(f"{run.run_id}\t{run.describe_members()}\t{overrides}\t{status}")
+    tally = ", ".join(f"{counts[s]} {s}" for s in (DONE, MISSING, PARTIAL, CORRUPT) if s in counts)
+    print(f"{len(runs)} runs: {tally or 'none'}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablations.run``: train what is missing, then measure once the preset's plan is done."""
     args = build_parser().parse_args(argv)
@@ -238,55 +391,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             pin_to_cpus(parse_cpus(args.cpus))
         except (ValueError, OSError) as exc:
             raise UsageError(f"--cpus {args.cpus!r}: {exc}") from None
-
-    preset = resolve_preset(args.preset)
-    shard_spec = parse_shard(args.shard) if args.shard is not None else None
-    runs = build_plan(args.study, preset, seeds=args.seeds, data_dir=args.data_dir)
-    if shard_spec is not None:
-        runs = shard(runs, *shard_spec)
-    if args.only:
-        unknown = sorted(set(args.only) - {r.run_id for r in runs})
-        if unknown:
-            raise UsageError(f"--only: no run {unknown[0]!r} in this plan (see --dry-run)")
-        runs = [r for r in runs if r.run_id in args.only]
-    out = Path(args.out)
-    check_readable_dir(out, "results folder")
-    root = preset_dir(out, preset)
-    check_readable_dir(root, "results folder")
-
+    preset = sweep_preset(args.preset, dict(args.overrides) if args.overrides else None, args.preset_file)
     if args.dry_run:
-        counts: dict[str, int] = {}
-        for run in runs:
-            status, _ = run_status(root / run.run_id, run.expected_config())
-            counts[status] = counts.get(status, 0) + 1
-            overrides = " ".join(f"{k}={v}" for k, v in sorted(run.overrides(preset).items()))
-            print(f"{run.run_id}\t{run.describe_members()}\t{overrides}\t{status}")
-        tally = ", ".join(f"{counts[s]} {s}" for s in (DONE, MISSING, PARTIAL, CORRUPT) if s in counts)
-        print(f"{len(runs)} runs: {tally or 'none'}", file=sys.stderr)
-        return 0
-
-    writable_dir(root)
-    adopt_earlier_ids(root, runs, _log)
-    where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
-    pending = sum(run_status(root / r.run_id, r.expected_config())[0] != DONE for r in runs)
-    workers = resolve_workers(args.workers, pending, args.multi_seed)
-    _log(f"{args.study} --preset {preset.name}{where}: {len(runs)} runs in {root}")
-    start = time.perf_counter()
-    if workers > 1:
-        _log(f"{workers} workers, one run each at a time")
-        sweep: Sweep | WorkerPool = WorkerPool(root, cpu_groups(workers, usable_cpus()),
-                                               child_command(args, preset), _log)
-        failed = sweep.execute(runs)
-    else:
-        sweep = Sweep(runs, root, multi_seed=use_multi_seed(args.multi_seed))
-        failed = sweep.execute()
-    _log(f"trained {sweep.trained} runs in {time.perf_counter() - start:.1f}s; "
-         f"{len(runs) - failed} of {len(runs)} complete")
-    for rid, why in sweep.failed:
-        print(f"failed: {rid}: {why}", file=sys.stderr)
-    if failed:
-        return 1
-    return 0 if args.only or args.no_measure else measure_if_complete(out, preset, args.data_dir)
+        runs = plan_runs(args.study, preset, seeds=args.seeds, data_dir=args.data_dir,
+                         shard_spec=args.shard, only=args.only)
+        out = Path(args.out)
+        check_readable_dir(out, "results folder")
+        check_readable_dir(preset_dir(out, preset), "results folder")
+        return dry_run(runs, preset, preset_dir(out, preset))
+    result = run_sweep(args.study, preset, args.out, workers=args.workers, seeds=args.seeds,
+                       data_dir=args.data_dir, multi_seed=args.multi_seed, shard_spec=args.shard,
+                       only=args.only, measure_after=not args.no_measure)
+    return result.exit_code
 
 
 def measure_if_complete(out: Path, preset: Preset, data_dir: str | None) -> int:

@@ -36,6 +36,7 @@ statistics, recording the running averages beside them (``eval_bn="both"``; see
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -186,7 +187,12 @@ class Preset:
 
     ``seeds``: seeds per variant of the curve studies (fig6a, fig6b); ``width_seeds``: per width of
     fig5; ``widths``: restricts fig5's widths (None: all four). ``spiral_points``/``spiral_trials``,
-    ``fig7_images`` and ``latency_repeats`` size the measuring step (:mod:`ablations.measure`)."""
+    ``fig7_images``, ``latency_repeats``, ``audit_train_images`` and ``audit_decoder_features`` size
+    the measuring step (:mod:`ablations.measure`): Fig. 7 and the Appendix A audit look at the first
+    ``fig7_images`` test images; the audit's block-input decoders are fitted on, and its step-0
+    networks take their BatchNorm statistics from, the first ``audit_train_images`` training
+    images, and only blocks whose output has at most ``audit_decoder_features`` values get a
+    decoder (the fit costs the cube of that number)."""
 
     name: str
     doc: str
@@ -198,6 +204,8 @@ class Preset:
     spiral_trials: int = 256
     fig7_images: int = 256
     latency_repeats: int = 50
+    audit_train_images: int = 4096
+    audit_decoder_features: int = 4096
 
     @property
     def summary(self) -> str:
@@ -231,7 +239,8 @@ def smoke() -> Preset:
                        "bottleneck_activation": "linear", "residual": "bottleneck", "eval_bn": "both",
                        "steps": 3, "batch_size": 32, "eval_every": 3}),
         seeds=1, width_seeds=1, widths=(0.35,),
-        spiral_points=300, spiral_trials=16, fig7_images=32, latency_repeats=3,
+        spiral_points=300, spiral_trials=16, fig7_images=32, latency_repeats=3, audit_train_images=64,
+        audit_decoder_features=512,
     )
 
 
@@ -349,3 +358,138 @@ def study_names(selector: str) -> tuple[str, ...]:
     if selector not in STUDIES:
         raise KeyError(selector)
     return (selector,)
+
+
+# ----------------------------------------------------------------------------- user presets
+
+#: Preset fields that ``apply_overrides`` does not set (``train`` is set key by key).
+_FIXED_PRESET_FIELDS = ("doc", "train")
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON (``3``, ``0.05``, ``true``, ``null``, ``[0.35, 1.0]``, ``"x"``), else
+    the text itself as a string."""
+    import json
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _preset_value(field: dataclasses.Field, value: Any) -> Any:
+    """``value`` checked against a Preset field's annotation (ValueError if it does not fit): lists
+    become tuples, integers stay integers, numbers of float fields become floats."""
+    kind = str(field.type)
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("tuple") and isinstance(value, (list, tuple)):
+        inner = float if "float" in kind else (lambda v: v)
+        return tuple(inner(v) for v in value)
+    if kind.startswith("int") and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("str") and isinstance(value, str):
+        return value
+    raise ValueError(f"{field.name} must be {kind}, got {value!r}")
+
+
+def apply_overrides(preset: Preset, overrides: Mapping[str, Any]) -> Preset:
+    """``preset`` with fields replaced: a Preset field by name (``seeds``, ``width_seeds``,
+    ``widths``, the measuring sizes, ``name``), any other key a TrainConfig field of
+    ``preset.train`` (``epochs``, ``lr``, ...; ``epochs`` drops the preset's ``steps``, as the
+    flags do). Study and variant choices still apply on top of ``train``. Raises UsageError (one
+    line) for an unknown key or a value that does not fit."""
+    from manifold_lab.cli import UsageError
+    from manifold_lab.train.config import TrainConfig
+    fields = {f.name: f for f in dataclasses.fields(Preset) if f.name not in _FIXED_PRESET_FIELDS}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes, train = {}, dict(preset.train)
+    for key, value in overrides.items():
+        if key in fields:
+            try:
+                changes[key] = _preset_value(fields[key], value)
+            except ValueError as exc:
+                raise UsageError(f"--set {key}: {exc}") from None
+        elif key in train_fields:
+            train[key] = value
+            if key == "epochs" and "steps" not in overrides:
+                train.pop("steps", None)
+        else:
+            raise UsageError(f"--set {key}: not a preset field ({', '.join(fields)}) nor a training field "
+                             f"(python -m manifold_lab.train --help)")
+    try:
+        TrainConfig(**train)
+    except (TypeError, ValueError, UsageError) as exc:  # one line, naming the field
+        raise UsageError(f"--set: {str(exc).splitlines()[0]}") from None
+    return dataclasses.replace(preset, **changes, train=_frozen(train))
+
+
+def preset_to_dict(preset: Preset) -> dict[str, Any]:
+    """``preset`` as JSON values (what a ``.json`` preset file holds)."""
+    out = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)}
+    out["train"] = dict(preset.train)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def preset_from_dict(data: Mapping[str, Any]) -> Preset:
+    """Inverse of :func:`preset_to_dict` (ValueError for missing or unknown fields)."""
+    fields = {f.name: f for f in dataclasses.fields(Preset)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown or not {"name", "train", "seeds"} <= set(data):
+        raise ValueError(f"a preset needs name, train and seeds; unknown fields: {', '.join(unknown) or 'none'}")
+    values = {k: v if k == "train" else _preset_value(fields[k], v) for k, v in data.items() if k != "doc"}
+    return Preset(**{**values, "doc": str(data.get("doc", "")), "train": _frozen(dict(data["train"]))})
+
+
+def _returns_preset(fn: Any) -> bool:
+    """Whether ``fn`` is annotated to return a :class:`Preset` (the class or its name as text)."""
+    returns = getattr(fn, "__annotations__", {}).get("return")
+    return returns is Preset or (isinstance(returns, str) and returns.split(".")[-1] == "Preset")
+
+
+def _preset_of_module(module: Any) -> Preset:
+    """The preset a loaded preset file defines: ``PRESET`` (a Preset or a function returning one),
+    else a ``get_preset()`` it defines, else its one function annotated to return a Preset."""
+    own = {k: v for k, v in vars(module).items() if getattr(v, "__module__", None) == module.__name__}
+    candidate = getattr(module, "PRESET", None) or own.get("get_preset")  # not an imported get_preset
+    if candidate is None:
+        found = [v for v in own.values() if callable(v) and _returns_preset(v)]
+        if len(found) != 1:
+            raise ValueError(f"define PRESET, get_preset() or one function returning a Preset "
+                             f"(found {len(found)} such functions)")
+        candidate = found[0]
+    preset = candidate() if callable(candidate) else candidate
+    if not isinstance(preset, Preset):
+        raise ValueError(f"expected an ablations.studies.Preset, got {type(preset).__name__}")
+    return preset
+
+
+def load_preset_file(path: str | os.PathLike[str]) -> Preset:
+    """The preset defined by a user file: a ``.py`` file (see :func:`_preset_of_module`; it imports
+    ``Preset`` from ``ablations.studies``) or a ``.json`` file (:func:`preset_to_dict`'s form).
+    UsageError (one line) when missing, failing or defining no preset."""
+    import hashlib
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from manifold_lab.cli import UsageError
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no preset file at {path}")
+    try:
+        if path.suffix == ".json":
+            return preset_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        name = f"_user_preset_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError("not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return _preset_of_module(module)
+    except UsageError:
+        raise
+    except Exception as exc:  # a user's file: any failure is reported as one line
+        raise UsageError(f"preset file {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                         ) from None

@@ -119,8 +119,11 @@ class RidgeDecoder:
         self.count += len(f)
 
     def fit(self) -> RidgeDecoder:
-        """Solve the normal equations of the centred rows."""
+        """Solve the normal equations of the centred rows; no decoder (``coef`` None) with fewer rows
+        than features, where least squares interpolates the training rows instead of decoding."""
         sum_f, sum_t, ff, ft = self.sums
+        if self.count <= len(ff):
+            return self
         self.f_mean, self.t_mean = sum_f / self.count, sum_t / self.count
         gram = ff - self.count * np.outer(self.f_mean, self.f_mean)
         gram[np.diag_indices_from(gram)] += self.ridge * max(np.trace(gram), 1e-30) / len(gram)
@@ -242,7 +245,7 @@ class _BlockAccumulator:
         if self.bottleneck_act != "linear":
             self.clipped += int(jnp.sum(~active_mask(taps["bottleneck"], self.bottleneck_act)))
             self.outputs += int(taps["bottleneck"].size)
-        if self.decodes(taps):
+        if self.decodes(taps) and self.decoder.coef is not None:
             n = taps["output"].shape[0]
             self.errors.append(self.decoder.errors(np.asarray(taps["output"]).reshape(n, -1),
                                                    np.asarray(taps["input"]).reshape(n, -1)))
@@ -305,6 +308,11 @@ def audit_model(model: Any, test_images: np.ndarray, train_images: np.ndarray | 
     return [acc.result(spec) for acc, spec in zip(accumulators, model.config.blocks())]
 
 
+@functools.lru_cache(maxsize=8)
+def _batch_statistics(graphdef: nnx.GraphDef) -> Any:
+    return jax.jit(bn_stats.batch_statistics_fn(graphdef))
+
+
 def with_population_statistics(model: Any, images: np.ndarray, batch_size: int = 128) -> Any:
     """A copy of ``model`` whose BatchNorm running statistics are the population statistics of
     ``images`` (equal batches, frozen weights): how a step-0 network, whose running averages are
@@ -312,7 +320,7 @@ def with_population_statistics(model: Any, images: np.ndarray, batch_size: int =
     from manifold_lab.train.step import split_state
 
     graphdef, params, stats = split_state(model)
-    statistics = jax.jit(bn_stats.batch_statistics_fn(graphdef))
+    statistics = _batch_statistics(graphdef)
     per_batch = [statistics(params, stats, jnp.asarray(x))
                  for x in _batches(np.asarray(images, np.float32), batch_size)]
     return nnx.merge(graphdef, params, bn_stats.population(bn_stats.stack(per_batch)))

@@ -421,7 +421,7 @@ def test_figures_and_report_from_fake_results(tmp_path, fake_results):
     out = tmp_path / "figures"
     report = _render(fake_results, out)
     for name in ("fig1_spiral.png", "fig1_theorem1.png", "spiral_metrics.json", "fig6a.png", "fig6b.png",
-                 "fig5.png", "fig7.png", "tables.md", "REPORT.md"):
+                 "fig5.png", "fig7.png", "appendix_a.png", "tables.md", "REPORT.md"):
         assert (out / name).stat().st_size > 0, name
     assert report.startswith("<!-- Generated")
     # fig6a: relu6 is 3 points worse in every seed -> the paper's sign, interval excludes 0
@@ -548,11 +548,11 @@ def test_real_smoke_preset_end_to_end(tmp_path, capsys):
     assert all(_status(preset_dir(results, preset), r) == DONE for r in runs)
     assert "every run of preset smoke is done: measuring" in log
     measured = sorted(p.name for p in (preset_dir(results, preset) / "measurements").iterdir())
-    assert measured == ["fig5.json", "fig7.json", "spiral.json", "tables.json"]
+    assert measured == ["appendix_a.json", "fig5.json", "fig7.json", "spiral.json", "tables.json"]
     code = run_main(figures.main, ["--results", str(results), "--out", str(out), "--preset", "smoke"],
                     prog="figures")
     assert code == 0, capsys.readouterr().err
-    for name in ("fig6a.png", "fig6b.png", "fig5.png", "fig7.png", "tables.md", "REPORT.md"):
+    for name in ("fig6a.png", "fig6b.png", "fig5.png", "fig7.png", "appendix_a.png", "tables.md", "REPORT.md"):
         assert (out / name).exists(), name
     report = (out / "REPORT.md").read_text()
     assert "Skipped" not in report and "not measured" not in report

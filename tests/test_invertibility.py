@@ -100,3 +100,12 @@ def test_on_the_spiral_the_rank_test_gives_theorem_1() -> None:
             fractions.append(np.mean(rank < 2))
         se = np.std(fractions, ddof=1) / np.sqrt(len(fractions))
         assert abs(np.mean(fractions) - theorem1(n, 2)) < 4 * se + 1e-3
+
+
+def test_no_decoder_from_fewer_training_images_than_features() -> None:
+    stages = (BottleneckStage(1, 8, 1, 1), BottleneckStage(6, 8, 2, 2))
+    cfg = model_config("mobilenet_v2", width=1.0, layout="small", num_classes=4, in_channels=3,
+                       stem_channels=8, last_channels=16, stages=stages)
+    images = np.random.default_rng(4).normal(size=(96, 6, 6, 3)).astype(np.float32)
+    audits = audit_model(build_model(cfg, rngs=nnx.Rngs(0)), images[:32], images[32:], batch_size=32)
+    assert all(a.decoder_ev is None for a in audits)  # 64 images, 288 features per output map

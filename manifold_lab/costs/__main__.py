@@ -41,14 +41,15 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m manifold_lab.costs", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=tuple(MODELS), default="mobilenet_v2")
     parser.add_argument("--width", type=positive_float, default=1.0, help="width multiplier")
-    parser.add_argument("--resolution", type=positive_int, default=224, help="input size (pixels)")
+    parser.add_argument("--image-size", "--resolution", dest="resolution", type=positive_int, default=224,
+                        metavar="PIXELS", help="input size in pixels (default 224; --resolution is an alias)")
     parser.add_argument("--classes", type=positive_int, default=1000, help="number of classes")
     parser.add_argument("--in-channels", type=positive_int, default=3, help="input channels")
     parser.add_argument("--layout", choices=LAYOUTS, default="imagenet", help="stride layout (default imagenet)")
     parser.add_argument("--table", choices=TABLES, default=None,
                         help="print one of the paper's tables instead of the per-layer costs "
                              "(slim and memory are fixed paper tables; memory and table2 use "
-                             "--width/--resolution)")
+                             "--width/--image-size)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 

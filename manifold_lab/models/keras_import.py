@@ -18,7 +18,9 @@ epsilon 1e-3, no dropout, global average pool then a dense layer; ``classifier_a
 gives logits. Our model with ``padding="same"`` and ``bn_epsilon=1e-3`` computes the same function
 (in eval mode; our dropout is inactive there) and returns logits: apply a softmax to get what a
 Keras model with its default ``classifier_activation="softmax"`` returns. Depthwise kernels are
-stored ``(3, 3, C, 1)`` by Keras and ``(3, 3, 1, C)`` here.
+stored ``(3, 3, C, 1)`` by Keras and ``(3, 3, 1, C)`` here. The layer names and their order
+(:func:`keras_layers`, :func:`keras3_paths`, :func:`keras_targets`) are also what
+:mod:`manifold_lab.models.keras_export` writes.
 
     model = load_keras_weights("mobilenet_v2_1.0_224.h5")            # width/classes from the file
     model = load_keras_weights(path, MobileNetV2Config(width=0.35, num_classes=10))
@@ -72,8 +74,9 @@ def keras_layers(config: MobileNetV2Config) -> list[KerasLayer]:
     return layers
 
 
-def _keras3_paths(layers: list[KerasLayer]) -> dict[str, str]:
-    """Layer name -> ``layers/<snake class>[_k]`` as Keras 3's saving code numbers them."""
+def keras3_paths(layers: list[KerasLayer]) -> dict[str, str]:
+    """Layer name -> ``layers/<snake class>[_k]`` as Keras 3's saving code numbers them (shared
+    with :mod:`manifold_lab.models.keras_export`, which writes what this module reads)."""
     seen: dict[str, int] = {}
     paths = {}
     for layer in layers:
@@ -101,7 +104,7 @@ def _read_arrays(path: Path, config: MobileNetV2Config) -> dict[str, list[np.nda
 
 def _read_keras3(f: h5py.File, layers: list[KerasLayer]) -> dict[str, list[np.ndarray]]:
     out = {}
-    for name, group_path in _keras3_paths(layers).items():
+    for name, group_path in keras3_paths(layers).items():
         if group_path not in f:
             raise ValueError(f"no weights for {name} (expected {group_path}/vars)")
         group = f[group_path]["vars"]
@@ -133,8 +136,9 @@ def _bn(unit) -> list[nnx.Variable]:
     return [unit.bn.scale, unit.bn.bias, unit.bn.mean, unit.bn.var]
 
 
-def _targets(model: MobileNetV2) -> Iterator[tuple[str, list[nnx.Variable], bool]]:
-    """(Keras layer name, our variables in Keras' order, is-depthwise) for every weighted layer."""
+def keras_targets(model: MobileNetV2) -> Iterator[tuple[str, list[nnx.Variable], bool]]:
+    """(Keras layer name, our variables in Keras' order, is-depthwise) for every weighted layer:
+    the one name mapping between Keras and our model, read by the importer and the exporter."""
     yield "Conv1", [model.stem.kernel], False
     yield "bn_Conv1", _bn(model.stem), False
     for block in model.blocks:
@@ -205,7 +209,7 @@ def load_keras_weights(path: str | Path, config: MobileNetV2Config | None = None
     arrays = _read_arrays(path, config)
     # Shapes only: every variable (kernels, BatchNorm scale/offset/statistics) is set below.
     model = nnx.eval_shape(lambda: MobileNetV2(config, rngs=nnx.Rngs(0)))
-    for name, variables, depthwise in _targets(model):
+    for name, variables, depthwise in keras_targets(model):
         if len(arrays[name]) != len(variables):
             raise ValueError(f"{name}: {len(arrays[name])} arrays in the file, "
                              f"{len(variables)} expected")

@@ -5,6 +5,8 @@ Defaults are the paper's where it has one (RMSProp 0.9/0.9, lr 0.045 x 0.98 per 
 
     python -m manifold_lab.train --width 0.35 --steps 200 --out runs/fmnist-0.35
     python -m manifold_lab.train --out runs/fmnist-0.35 --resume        # continue (same config)
+    python -m manifold_lab.train --out runs/fmnist-0.35 --resume --steps 400   # extend (staircase)
+    python -m manifold_lab.train --init-from runs/fmnist-0.35 --lr 0.01 --out runs/fmnist-0.35-ft
     python -m manifold_lab.train --dataset digits --seeds 3 --out runs/digits   # runs/digits/seed_<s>
 
 Exit codes: 0 done; 2 bad flags, missing or corrupt data, or a run directory that does not fit
@@ -25,8 +27,9 @@ from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_int, run_main
 from manifold_lab.options import add_arguments, argument_groups
 from manifold_lab.train import sharding
+from manifold_lab.train.checkpoint import DEFAULT_KEEP
 from manifold_lab.train.config import TrainConfig
-from manifold_lab.train.loop import EXIT_DIVERGED, TrainingDiverged, train
+from manifold_lab.train.loop import EXIT_DIVERGED, TrainingDiverged, parse_init_from, train
 from manifold_lab.train.multiseed import train_seeds
 from manifold_lab.train.run_dir import RunDir, read_json
 
@@ -57,7 +60,16 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--seeds", type=positive_int, default=None, metavar="K",
                      help="train seeds SEED..SEED+K-1 in one vmapped program, in OUT/seed_<s>")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
-    run.add_argument("--resume", action="store_true", default=False, help="continue from the newest checkpoint")
+    run.add_argument("--resume", action="store_true", default=False,
+                     help="continue from the newest checkpoint; with a larger --steps/--epochs, extend the run "
+                          "(staircase schedule only)")
+    run.add_argument("--init-from", default=None, metavar="RUN_DIR[:STEP]",
+                     help="start a new run from another run's weights and BatchNorm statistics (its newest "
+                          "checkpoint or STEP), with a fresh optimiser at step 0")
+    run.add_argument("--keep", type=positive_int, default=DEFAULT_KEEP, metavar="N",
+                     help=f"checkpoints kept per run (default: {DEFAULT_KEEP})")
+    run.add_argument("--tensorboard", action="store_true", default=False,
+                     help="also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboardX)")
     run.add_argument("--quiet", action="store_true", default=False, help="no progress output")
     dist.add_argument("--coordinator-address", default=None, help="the coordinator's host:port")
     dist.add_argument("--num-processes", type=positive_int, default=None, help="number of processes")
@@ -67,7 +79,8 @@ def build_parser() -> ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, list[int] | None, list[Path]]:
     """The config, the seeds of a multi-seed run (None for one run) and the run directories.
-    Precedence: flags, then ``--config``, then (with ``--resume``) the run's saved config, then defaults."""
+    Precedence: flags, then ``--config``, then (with ``--resume``) the run's saved config or (with
+    ``--init-from``) the source run's config, then defaults."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     seeds_k = args.seeds
     base: dict[str, Any] = {}
@@ -78,6 +91,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, list[int] | N
     saved = RunDir(dirs[0])
     if args.resume and not base and saved.config_path.exists():
         base = saved.train_config().to_dict()
+    elif args.init_from is not None and not base:  # the source run's architecture and recipe
+        base = RunDir(parse_init_from(args.init_from)[0]).train_config().to_dict()
     if "steps" in given:
         base.pop("epochs", None)
     elif "epochs" in given:
@@ -94,10 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     verbose = not args.quiet
     try:
+        options = dict(resume=args.resume, verbose=verbose, keep=args.keep, init_from=args.init_from,
+                       tensorboard=args.tensorboard)
         if seeds is None:
-            summaries = [train(cfg, dirs[0], resume=args.resume, verbose=verbose)]
+            summaries = [train(cfg, dirs[0], **options)]
         else:
-            summaries = train_seeds(cfg, seeds, dirs, resume=args.resume, verbose=verbose)
+            summaries = train_seeds(cfg, seeds, dirs, **options)
     except TrainingDiverged as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED

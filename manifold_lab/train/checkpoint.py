@@ -1,9 +1,17 @@
 """Orbax checkpoints of the train state.
 
-The state pytree is saved as a flat dict keyed by dotted paths (``params.blocks.0.bn.bias``),
-so checkpoints are self-describing and a mismatch with the current model is reported by name.
+The state is saved in its own nested layout (``{"step", "params", "batch_stats", "opt_state", "ema",
+"sums"}``), so plain Orbax restores a checkpoint into the train state or into a pytree of the same
+structure (``ocp.StandardCheckpointer().restore(run/"checkpoints"/"<step>"/"default", target)``).
+Checkpoints written in the earlier flat layout (one dict keyed by dotted paths such as
+``params.blocks.0.bn.bias``) are still read: :meth:`Checkpointer.restore` recognises them by their
+keys. Either layout reports a mismatch with the current model by path name.
+
 Orbax writes each step into a temporary directory and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind (leftover temporaries are removed on the next open).
+Saving is asynchronous on accelerators (the arrays are copied to host memory before ``save``
+returns, so the training step can reuse its buffers; the file writes overlap the next steps) and
+synchronous on the CPU, where the writes would compete with the step for the same cores.
 Only finite states are ever saved (the loop checks), so the latest checkpoint is the last good one.
 """
 
@@ -17,6 +25,9 @@ import orbax.checkpoint as ocp
 
 from manifold_lab.cli import UsageError
 from manifold_lab.train.run_dir import CHECKPOINT_DIR
+
+#: Checkpoints kept per run directory unless the caller says otherwise (``--keep``).
+DEFAULT_KEEP = 2
 
 
 def _path_name(entry: Any) -> str:
@@ -41,16 +52,40 @@ def unflatten_state(flat: dict[str, Any], template: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(template), [flat[p] for p in paths])
 
 
+def is_flat_layout(keys: Any) -> bool:
+    """Whether a checkpoint's top-level keys are the dotted paths of the flat layout."""
+    return any("." in str(k) for k in keys)
+
+
+def _abstract(template: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves with the template's shardings (first device by default)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default), template)
+
+
+def _metadata_keys(metadata: Any) -> list[str]:
+    """Top-level keys of a checkpoint's tree metadata."""
+    tree = getattr(metadata, "tree", metadata)
+    return list(tree.keys()) if tree is not None else []
+
+
 class Checkpointer:
     """Saves and restores train states under ``run_dir/checkpoints/<step>``; keeps the newest
-    ``max_to_keep``."""
+    ``max_to_keep``. ``asynchronous``: write in the background (default: on accelerators only)."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], max_to_keep: int = 2) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], max_to_keep: int = DEFAULT_KEEP, *,
+                 asynchronous: bool | None = None) -> None:
+        if max_to_keep < 1:
+            raise UsageError(f"--keep must be at least 1, got {max_to_keep}")
+        if asynchronous is None:
+            asynchronous = jax.default_backend() != "cpu"
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False,
+                                               enable_async_checkpointing=asynchronous,
                                                cleanup_tmp_directories=True)
         self.directory = os.path.join(os.fspath(run_dir), CHECKPOINT_DIR)
-        self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+        self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options,
+                                              item_handlers=ocp.StandardCheckpointHandler())
 
     def steps(self) -> list[int]:
         """Saved steps, oldest first."""
@@ -61,27 +96,43 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        """Save ``state`` as ``step`` (blocking; overwrites nothing: an existing step is kept)."""
+        """Save ``state`` as ``step`` in its nested layout (overwrites nothing: an existing step is
+        kept). Returns once the arrays are on the host; :meth:`wait` for the files."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, args=ocp.args.StandardSave(flatten_state(state)), force=True)
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def wait(self) -> None:
+        """Block until every save has reached the disk."""
         self._manager.wait_until_finished()
 
     def restore(self, step: int, template: Any) -> Any:
         """Restore ``step`` into the structure, dtypes and shardings of ``template`` (a state with
-        arrays or ``jax.ShapeDtypeStruct`` leaves; leaves without a sharding go to the first device)."""
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-        def abstract(x: Any) -> jax.ShapeDtypeStruct:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default)
-        target = {k: abstract(v) for k, v in flatten_state(template).items()}
+        arrays or ``jax.ShapeDtypeStruct`` leaves; leaves without a sharding go to the first device).
+        Reads the nested and the flat layout."""
+        self.wait()
         try:
-            flat = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+            if is_flat_layout(_metadata_keys(self._manager.item_metadata(step))):
+                flat = self._manager.restore(step, args=ocp.args.StandardRestore(
+                    flatten_state(_abstract(template))))
+                return unflatten_state(dict(flat), template)
+            return self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(template)))
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise UsageError(f"cannot restore checkpoint {step} in {self.directory}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        return unflatten_state(dict(flat), template)
+
+    def restore_flat(self, step: int) -> dict[str, Any]:
+        """Checkpoint ``step`` as ``{dotted path: array}`` with the saved shapes and dtypes (either
+        layout; no template needed, e.g. to take the weights of another run)."""
+        self.wait()
+        try:
+            raw = self._manager.restore(step, args=ocp.args.StandardRestore())
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise UsageError(f"cannot restore checkpoint {step} in {self.directory}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return dict(raw) if is_flat_layout(raw.keys()) else flatten_state(raw)
 
     def close(self) -> None:
-        """Release Orbax resources."""
+        """Finish pending saves and release Orbax resources."""
+        self._manager.wait_until_finished()
         self._manager.close()

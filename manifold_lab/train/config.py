@@ -33,7 +33,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
 SCHEDULE_DEFAULTS: dict[str, str] = {"paper": "staircase", "sgd": "cosine", "adamw": "cosine"}
 
 #: Keys that ``config.json`` holds next to the TrainConfig fields (ignored by ``from_dict``).
-RESERVED_KEYS: tuple[str, ...] = ("resolved", "model_config", "environment")
+RESERVED_KEYS: tuple[str, ...] = ("resolved", "model_config", "environment", "init_from")
 #: Former names of fields, still read from older ``config.json`` files: old name -> field.
 RENAMED_FIELDS: dict[str, str] = {"preset": "layout", "bn_momentum": "bn_decay"}
 

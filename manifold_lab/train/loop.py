@@ -9,6 +9,15 @@ the data order of epoch ``e`` and the augmentation and dropout of step ``s`` fro
 ``jax.random.key(seed)`` folded with ``e`` or ``s``. Hence ``resume`` continues from the newest
 checkpoint and ends with exactly the records and weights of an uninterrupted run.
 
+A resumed run may also be given a different length when the learning-rate schedule does not depend
+on it (``staircase``: the rate of step ``s`` is a function of ``s`` alone): a partial or finished run
+then continues to the new length and ends with the weights and records of an uninterrupted run of
+that length (the finished run's closing evaluation stays in its record), ``config.json`` and
+``summary.json`` rewritten for it. A cosine schedule's rates depend on the total, so changing its
+length is refused; ``--init-from`` starts a new run from the old one's weights instead. Settings that
+do not touch the numbers (:data:`RESUME_FREE_FIELDS`) may change on resume; any other difference is
+refused by flag name.
+
 Stops: a non-finite training loss (checked whenever the host syncs: every log line and before every
 checkpoint) raises :class:`TrainingDiverged` without saving, so the newest checkpoint stays the last
 finite state. Ctrl-C (SIGINT) is deferred to the end of the current step, a checkpoint is saved and
@@ -35,13 +44,14 @@ import numpy as np
 from manifold_lab.cli import UsageError, writable_dir
 from manifold_lab.data import ArrayDataset, epoch_permutation, load_dataset, pipeline_spec
 from manifold_lab.data.pipeline import PipelineSpec
+from manifold_lab.options import flag_of
 from manifold_lab.train import bn_stats, records, sharding
-from manifold_lab.train.checkpoint import Checkpointer
+from manifold_lab.train.checkpoint import DEFAULT_KEEP, Checkpointer, flatten_state, unflatten_state
 from manifold_lab.train.config import TrainConfig
 from manifold_lab.train.network import abstract_model, model_config_for, model_init_fn
 from manifold_lab.train.optim import make_optimizer
-from manifold_lab.train.run_dir import RunDir, config_digest
-from manifold_lab.train.step import (init_state, make_eval_batch_fn, make_memory_eval, make_memory_step,
+from manifold_lab.train.run_dir import INIT_FROM_KEY, TENSORBOARD_DIR, RunDir, config_digest
+from manifold_lab.train.step import (init_state, make_memory_eval, make_memory_step, make_stream_eval,
                                      make_stream_step, reset_sums)
 
 #: Exit code of the command line when training diverges (non-finite loss).
@@ -83,31 +93,63 @@ class Plan:
         return step % self.checkpoint_every == 0 or step == self.total_steps
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Choices of a call that leave the run's numbers alone or are recorded beside its config
+    (``config.json``'s ``init_from``), so they are not TrainConfig fields and never change its digest.
+
+    ``keep``: checkpoints kept per run directory. ``init_from``: ``(run directory, step or None for
+    its newest checkpoint)`` whose weights and BatchNorm statistics start a new run (fresh optimiser
+    state, step 0). ``tensorboard``: also write TensorBoard event files (``run_dir/tensorboard``)."""
+
+    keep: int = DEFAULT_KEEP
+    init_from: tuple[Path, int | None] | None = None
+    tensorboard: bool = False
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = False, *,
-          stop_at_step: int | None = None, verbose: bool = True) -> dict[str, Any] | None:
+          stop_at_step: int | None = None, verbose: bool = True, keep: int = DEFAULT_KEEP,
+          init_from: str | os.PathLike[str] | None = None, tensorboard: bool = False
+          ) -> dict[str, Any] | None:
     """Train one model; returns the summary (also written to ``run_dir/summary.json``).
 
     ``resume``: continue from the newest checkpoint in ``run_dir`` (start afresh when there is none;
-    return the existing summary when the run is complete). Without it, a ``run_dir`` that already
-    holds a run is a UsageError. ``stop_at_step``: checkpoint and return None after that step (as if
-    interrupted there). Raises :class:`TrainingDiverged`, UsageError, or KeyboardInterrupt (after
-    saving a checkpoint)."""
+    return the existing summary when the run is complete). A resumed run may change the fields of
+    :data:`RESUME_FREE_FIELDS` and, with the staircase schedule, its length (``steps``/``epochs``:
+    a finished run is extended). Without it, a ``run_dir`` that already holds a run is a UsageError.
+    ``stop_at_step``: checkpoint and return None after that step (as if interrupted there).
+    ``keep``, ``init_from`` (``RUN_DIR[:STEP]``) and ``tensorboard``: see :class:`RunOptions`.
+    Raises :class:`TrainingDiverged`, UsageError, or KeyboardInterrupt (after saving a checkpoint)."""
+    options = RunOptions(keep, None if init_from is None else parse_init_from(init_from), tensorboard)
     out = run_engine(cfg, [cfg.seed], [run_dir], resume=resume, batched=False, stop_at_step=stop_at_step,
-                     verbose=verbose)
+                     verbose=verbose, options=options)
     return None if out is None else out[0]
 
 
-def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | os.PathLike[str]], *,
-               resume: bool, batched: bool, stop_at_step: int | None, verbose: bool
-               ) -> list[dict[str, Any]] | None:
-    """Shared implementation of :func:`train` and ``train_seeds``: with ``batched``, the seeds run as
-    one vmapped program (state arrays carry a leading seed axis)."""
-    cfg = cfg.resolved()
-    cfgs, dirs = _seed_runs(cfg, seeds, run_dirs)
-    done = _existing_runs(cfgs, dirs, resume)
-    if done is not None:
-        return done
+def parse_init_from(text: str | os.PathLike[str]) -> tuple[Path, int | None]:
+    """``RUN_DIR[:STEP]`` as ``(run directory, step or None)``."""
+    text = os.fspath(text)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.isdigit() and head:
+        return Path(head), int(tail)
+    return Path(text), None
 
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What a run needs besides its state: data, devices, plan, model config and compiled programs."""
+
+    train_data: Any
+    test_data: Any
+    streaming: bool
+    mesh: jax.sharding.Mesh
+    plan: Plan
+    mcfg: Any
+    n_params: int
+    programs: _Programs
+
+
+def _setup(cfg: TrainConfig, batched: bool) -> _Setup:
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
     streaming = not isinstance(train_data, ArrayDataset)
     if streaming and batched:
@@ -116,47 +158,89 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
     plan = _plan(cfg, train_data, test_data, mesh)
     mcfg = model_config_for(cfg, train_data.num_classes, train_data.image_shape[-1])
     n_params = sum(x.size for x in jax.tree.leaves(abstract_model(mcfg)[1]))
-
     spec = pipeline_spec(train_data, cfg.batch_size, dtype=cfg.compute_dtype,
                          **({} if cfg.augment else {"crop_padding": 0, "flip": False})) if not streaming else None
     programs = _programs(_program_key(cfg, mcfg, plan, spec, train_data, mesh, batched, streaming))
-    seed_ints = jnp.asarray([c.seed for c in cfgs] if batched else cfgs[0].seed, jnp.uint32)
-    state = programs.init(seed_ints, jnp.asarray(cfg.lr, jnp.float32))
-    keys = [jax.random.key(c.seed) for c in cfgs]
-    seed_keys = sharding.put_replicated(jnp.stack(keys) if batched else keys[0], mesh)
+    return _Setup(train_data, test_data, streaming, mesh, plan, mcfg, n_params, programs)
 
+
+def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | os.PathLike[str]], *,
+               resume: bool, batched: bool, stop_at_step: int | None, verbose: bool,
+               options: RunOptions | None = None) -> list[dict[str, Any]] | None:
+    """Shared implementation of :func:`train` and ``train_seeds``: with ``batched``, the seeds run as
+    one vmapped program (state arrays carry a leading seed axis)."""
+    options = options or RunOptions()
+    cfg = cfg.resolved()
+    cfgs, dirs = _seed_runs(cfg, seeds, run_dirs)
+    done, changed = _existing_runs(cfgs, dirs, resume)
+    init_from = _init_source(options.init_from, dirs[0], resume)
+    if done is not None:
+        return done
+    s = _setup(cfg, batched)
+    seed_ints = jnp.asarray([c.seed for c in cfgs] if batched else cfgs[0].seed, jnp.uint32)
+    state = s.programs.init(seed_ints, jnp.asarray(cfg.lr, jnp.float32))
+    keys = [jax.random.key(c.seed) for c in cfgs]
+    seed_keys = sharding.put_replicated(jnp.stack(keys) if batched else keys[0], s.mesh)
     main = jax.process_index() == 0
-    ckpts = [Checkpointer(d) for d in dirs]
+    ckpts = [Checkpointer(d, options.keep) for d in dirs]
+    logs: list[records.MetricsLog] = []
     try:
         start = _common_checkpoint(ckpts) if resume else None
-        if start is not None:
-            restored = [c.restore(start, _unstack(state, i) if batched else state) for i, c in enumerate(ckpts)]
-            state = _stack(restored) if batched else restored[0]
-        else:
-            for c, d in zip(cfgs, dirs):
-                if main:
-                    RunDir(d).write_config(c.to_dict(), _resolved_info(plan, mcfg, n_params, len(cfgs)),
-                                           dataclasses.asdict(mcfg), records.environment_info(list(mesh.devices.flat)))
-        logs = [records.MetricsLog(RunDir(d).metrics_path, resume_step=start, enabled=main) for d in dirs]
-        progress = [records.Progress(plan.total_steps, label=f"[seed {c.seed}]" if batched else "",
+        state = _start_state(s, state, start, ckpts, init_from, batched)
+        if start is None or changed:
+            _write_configs(s, cfgs, dirs, init_from, main)
+        logs = [records.MetricsLog(RunDir(d).metrics_path, resume_step=start, enabled=main,
+                                   tensorboard=RunDir(d).path / TENSORBOARD_DIR if options.tensorboard else None)
+                for d in dirs]
+        progress = [records.Progress(s.plan.total_steps, label=f"[seed {c.seed}]" if batched else "",
                                      enabled=main and verbose) for c in cfgs]
         if start is not None:
-            progress[0].message(f"resuming from step {start}")
-        loop = _Loop(cfgs, dirs, plan, programs, mesh, ckpts, logs, progress, batched, main)
-        if streaming:
-            state = loop.run_stream(state, seed_keys, train_data, test_data, start or 0, stop_at_step)
-        else:
-            state = loop.run_memory(state, seed_keys, train_data, test_data, start or 0, stop_at_step)
+            progress[0].message(f"resuming from step {start} of {s.plan.total_steps}")
+        loop = _Loop(cfgs, dirs, s.plan, s.programs, s.mesh, ckpts, logs, progress, batched, main)
+        run = loop.run_stream if s.streaming else loop.run_memory
+        state = run(state, seed_keys, s.train_data, s.test_data, start or 0, stop_at_step)
         if state is None:
             return None
-        summaries = [_summary(c, plan, log.records, n_params) for c, log in zip(cfgs, logs)]
+        summaries = [_summary(c, s.plan, log.records, s.n_params) for c, log in zip(cfgs, logs)]
         if main:
             for d, summary in zip(dirs, summaries):
                 RunDir(d).write_summary(summary)
         return summaries
     finally:
+        for log in logs:
+            log.close()
         for c in ckpts:
             c.close()
+
+
+def _start_state(s: _Setup, state: Any, start: int | None, ckpts: list[Checkpointer],
+                 init_from: tuple[Path, int] | None, batched: bool) -> Any:
+    """The state to continue from: checkpoint ``start``, else the initial state (with another run's
+    weights for ``init_from``). A checkpoint beyond the planned length is a UsageError."""
+    if start is not None:
+        if start > s.plan.total_steps:
+            raise UsageError(f"cannot resume {Path(ckpts[0].directory).parent}: it is at step {start}, "
+                             f"past the {s.plan.total_steps} steps given")
+        restored = [c.restore(start, _unstack(state, i) if batched else state) for i, c in enumerate(ckpts)]
+        return _stack(restored) if batched else restored[0]
+    if init_from is not None:
+        return _with_weights(state, init_from, batched, s.mesh)
+    return state
+
+
+def _write_configs(s: _Setup, cfgs: list[TrainConfig], dirs: list[Path], init_from: tuple[Path, int] | None,
+                   main: bool) -> None:
+    """``config.json`` of each run (new, or rewritten for a resumed run whose config changed: its
+    ``summary.json`` goes too, until the run reaches its new end)."""
+    if not main:
+        return
+    extra = {} if init_from is None else {INIT_FROM_KEY: {"run": str(init_from[0]), "step": init_from[1]}}
+    for c, d in zip(cfgs, dirs):
+        run = RunDir(d)
+        run.summary_path.unlink(missing_ok=True)
+        run.write_config(c.to_dict(), _resolved_info(s.plan, s.mcfg, s.n_params, len(cfgs), s.train_data),
+                         dataclasses.asdict(s.mcfg), records.environment_info(list(s.mesh.devices.flat)),
+                         extra=extra)
 
 
 def _seed_runs(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | os.PathLike[str]]
@@ -172,20 +256,116 @@ def _seed_runs(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
     return [cfg.replace(seed=int(s)) for s in seeds], dirs
 
 
-def _existing_runs(cfgs: list[TrainConfig], dirs: list[Path], resume: bool) -> list[dict[str, Any]] | None:
-    """Check run directories against the configs; the summaries when every run is already complete."""
+#: TrainConfig fields a resumed run may change, because they decide what is recorded, when and
+#: where, never the weights: evaluation only reads the state (its batch size and BatchNorm protocol
+#: change the reported test numbers, nothing else), log lines and checkpoints only read it or zero
+#: the logged sums, and the data location holds the same data. The device count changes the
+#: order of the gradient reductions, so a run moved to other devices agrees to float rounding.
+RESUME_FREE_FIELDS: tuple[str, ...] = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
+                                       "eval_bn", "eval_bn_batches", "data_dir", "num_devices")
+#: The fields of the run's length: a resumed run may change them when the schedule does not
+#: depend on the length (staircase).
+LENGTH_FIELDS: tuple[str, ...] = ("steps", "epochs")
+
+
+def check_resume(saved: TrainConfig, cfg: TrainConfig, path: Path) -> bool:
+    """Whether ``cfg`` (resolved) may continue the run saved with ``saved`` (resolved): UsageError
+    naming the first differing flag otherwise. True when the config differs (allowed fields)."""
+    fields = [f for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    fixed = [f for f in fields if f.name not in RESUME_FREE_FIELDS + LENGTH_FIELDS]
+    if fixed:
+        first = fixed[0]
+        raise UsageError(f"cannot resume {path}: the config differs in {', '.join(f.name for f in fixed)} "
+                         f"({flag_of(first)} is {_shown(first, getattr(saved, first.name))} in the saved run, "
+                         f"{_shown(first, getattr(cfg, first.name))} given)")
+    if any(f.name in LENGTH_FIELDS for f in fields) and cfg.schedule_name != "staircase":
+        raise UsageError(f"cannot change the length of {path}: its {cfg.schedule_name} learning-rate "
+                         f"schedule depends on the total steps; start a new run with --init-from {path}")
+    return bool(fields)
+
+
+def _shown(field: dataclasses.Field, value: Any) -> str:
+    """A field's value as its flag states it (a switch such as ``--no-augment``: on or off)."""
+    if isinstance(field.default, bool):
+        return "on" if value != field.default else "off"
+    return str(value)
+
+
+def _existing_runs(cfgs: list[TrainConfig], dirs: list[Path], resume: bool
+                   ) -> tuple[list[dict[str, Any]] | None, bool]:
+    """Check run directories against the configs: ``(the summaries when every run is complete and
+    its length unchanged, whether any saved config differs from the given one)``."""
     runs = [RunDir(d) for d in dirs]
+    changed = length_changed = False
     for c, run in zip(cfgs, runs):
         if run.holds_run() and not resume:
             raise UsageError(f"{run.path} already holds a run: pass --resume or choose another --out")
         if run.config_path.exists():
             saved = run.train_config().resolved()
-            diff = [f.name for f in dataclasses.fields(c) if getattr(saved, f.name) != getattr(c, f.name)]
-            if diff:
-                raise UsageError(f"cannot resume {run.path}: the config differs in {', '.join(diff)}")
-    if resume and all(run.is_complete() for run in runs):
-        return [run.summary() for run in runs]
-    return None
+            changed |= check_resume(saved, c, run.path)
+            length_changed |= any(getattr(saved, n) != getattr(c, n) for n in LENGTH_FIELDS)
+    if resume and not length_changed and all(run.is_complete() for run in runs):
+        return [run.summary() for run in runs], False
+    return None, changed
+
+
+def _init_source(given: tuple[Path, int | None] | None, run_dir: Path, resume: bool
+                 ) -> tuple[Path, int] | None:
+    """``(run directory, step)`` whose weights start the run: the given ``--init-from`` (its newest
+    checkpoint when no step is given) or, when resuming a run that was started that way, the saved one."""
+    saved, resumed = None, resume and RunDir(run_dir).config_path.exists()
+    if resumed:
+        record = RunDir(run_dir).config_json().get(INIT_FROM_KEY)
+        saved = None if record is None else (Path(record["run"]), int(record["step"]))
+    if given is None:
+        return saved
+    source = RunDir(given[0])
+    if not source.checkpoint_dir.is_dir():
+        raise UsageError(f"--init-from {given[0]}: no run directory with checkpoints")
+    checkpointer = Checkpointer(source.path)
+    try:
+        steps = checkpointer.steps()
+    finally:
+        checkpointer.close()
+    step = steps[-1] if given[1] is None and steps else given[1]
+    if step is None or step not in steps:
+        raise UsageError(f"--init-from {given[0]}: no checkpoint {'' if step is None else step} "
+                         f"(kept: {', '.join(map(str, steps)) or 'none'})")
+    chosen = (source.path.resolve(), step)
+    if resumed and saved != chosen:
+        shown = "unset" if saved is None else f"{saved[0]}:{saved[1]}"
+        raise UsageError(f"cannot resume {run_dir}: --init-from is {shown} in the saved run, "
+                         f"{chosen[0]}:{chosen[1]} given")
+    return chosen
+
+
+def _with_weights(state: Any, source: tuple[Path, int], batched: bool, mesh: jax.sharding.Mesh) -> Any:
+    """``state`` with the weights and BatchNorm statistics (and their averages, where kept) replaced
+    by those of checkpoint ``source`` of another run; the optimiser state stays fresh (it does not
+    depend on the weights' values). A different architecture is a UsageError naming the array."""
+    checkpointer = Checkpointer(source[0])
+    try:
+        flat = checkpointer.restore_flat(source[1])
+    finally:
+        checkpointer.close()
+    one = _unstack(state, 0) if batched else state
+    loaded = {}
+    for part in ("params", "batch_stats"):
+        wanted = flatten_state(one[part])
+        for name, leaf in wanted.items():
+            have = flat.get(f"{part}.{name}")
+            if have is None or tuple(have.shape) != tuple(leaf.shape):
+                found = "is missing" if have is None else f"has shape {tuple(have.shape)}"
+                raise UsageError(f"--init-from {source[0]}:{source[1]}: {part}.{name} {found} there, "
+                                 f"shape {tuple(leaf.shape)} here (a different model)")
+        arrays = {n: jnp.asarray(flat[f"{part}.{n}"], leaf.dtype) for n, leaf in wanted.items()}
+        loaded[part] = unflatten_state(arrays, one[part])
+    if batched:
+        k = jax.tree.leaves(state["params"])[0].shape[0]
+        loaded = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), loaded)
+    loaded = sharding.put_replicated(loaded, mesh)
+    ema = None if state["ema"] is None else jax.tree.map(jnp.copy, loaded)
+    return {**state, **loaded, "ema": ema}
 
 
 def _plan(cfg: TrainConfig, train_data: Any, test_data: Any, mesh: jax.sharding.Mesh) -> Plan:
@@ -206,11 +386,14 @@ def _plan(cfg: TrainConfig, train_data: Any, test_data: Any, mesh: jax.sharding.
                 num_devices=n_dev)
 
 
-def _resolved_info(plan: Plan, mcfg: Any, n_params: int, seeds_in_program: int) -> dict[str, Any]:
+def _resolved_info(plan: Plan, mcfg: Any, n_params: int, seeds_in_program: int, data: Any) -> dict[str, Any]:
+    """config.json's ``resolved``: the plan's numbers, and what inference needs beside the image shape
+    (the training data's normalisation ``mean``/``std`` and its ``class_names``; manifold_lab.predict)."""
     info = dataclasses.asdict(plan)
     info["image_shape"] = list(plan.image_shape)
     info.update(params=n_params, epochs=plan.total_steps / plan.steps_per_epoch,
-                seeds_in_program=seeds_in_program, model_class=type(mcfg).__name__)
+                seeds_in_program=seeds_in_program, model_class=type(mcfg).__name__,
+                mean=list(data.mean), std=list(data.std), class_names=list(getattr(data, "class_names", ())))
     return info
 
 
@@ -298,7 +481,8 @@ def _programs(key: _ProgramKey) -> _Programs:
                                 bn_decay=cfg.bn_decay, label_smoothing=cfg.label_smoothing,
                                 ema_decay=cfg.ema_decay)
         step_jit = jax.jit(step, donate_argnums=0, out_shardings=rep)
-        evaluate = jax.jit(make_eval_batch_fn(graphdef), out_shardings=rep)
+        evaluate = jax.jit(make_stream_eval(graphdef, mean=key.mean, std=key.std, dtype=cfg.compute_dtype),
+                           out_shardings=rep)
         precise = jax.jit(bn_stats.make_stream_batch_statistics(
             graphdef, mean=key.mean, std=key.std, dtype=cfg.compute_dtype), out_shardings=rep)
         permutation = None

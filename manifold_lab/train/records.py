@@ -6,7 +6,9 @@ step), ``images_per_second`` (training images of this run per second over the in
 vmapped seeds, per seed), ``elapsed_s`` (wall time so far, across resumes), and at evaluations
 ``test_loss``/``test_accuracy`` (the reported BatchNorm protocol, ``eval_bn``) with each measured
 protocol's ``test_loss_<protocol>``/``test_accuracy_<protocol>``. Each line is appended with a single
-``write``. The run directory's other files belong to :mod:`manifold_lab.train.run_dir`.
+``write``. With ``--tensorboard`` the same records go to TensorBoard event files in the run
+directory's ``tensorboard/`` (:class:`TensorBoardWriter`). The run directory's other files belong to
+:mod:`manifold_lab.train.run_dir`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +26,7 @@ from typing import Any, TextIO
 import jax
 
 from manifold_lab.atomic import atomic_write_text
+from manifold_lab.cli import UsageError
 from manifold_lab.train.run_dir import read_metrics
 
 TIMING_KEYS = ("images_per_second", "elapsed_s")
@@ -61,10 +65,12 @@ def environment_info(devices: list[Any]) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl``; on resume, keeps exactly the records up to the restored
-    step (later ones are replayed by the resumed run)."""
+    """Appends records to ``metrics.jsonl`` (and, given ``tensorboard``, to TensorBoard event files in
+    that directory); on resume, keeps exactly the records up to the restored step (later ones are
+    replayed by the resumed run; TensorBoard is told to purge its later events likewise)."""
 
-    def __init__(self, path: Path, *, resume_step: int | None, enabled: bool = True) -> None:
+    def __init__(self, path: Path, *, resume_step: int | None, enabled: bool = True,
+                 tensorboard: Path | None = None) -> None:
         self.path = path
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
@@ -72,6 +78,7 @@ class MetricsLog:
             self.records = [r for r in read_metrics(path, drop_partial_tail=True) if r["step"] <= resume_step]
         if enabled:
             atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        self.tensorboard = TensorBoardWriter(tensorboard, resume_step) if enabled and tensorboard else None
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one record (one ``write`` call of one complete line)."""
@@ -84,11 +91,63 @@ class MetricsLog:
             os.write(fd, line)
         finally:
             os.close(fd)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (``metrics.jsonl`` needs nothing)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+#: TensorBoard tag of each metrics field written every log line.
+TENSORBOARD_TAGS = {"loss": "train/loss", "train_accuracy": "train/accuracy",
+                    "learning_rate": "train/learning_rate", "images_per_second": "train/images_per_second"}
+
+
+class TensorBoardWriter:
+    """The metrics records as TensorBoard scalars (tensorboardX): ``train/loss``, ``train/accuracy``,
+    ``train/learning_rate``, ``train/images_per_second`` and, at evaluations, ``test/accuracy`` and
+    ``test/loss`` (the reported BatchNorm protocol) with ``test/accuracy_<protocol>`` and
+    ``test/loss_<protocol>`` per measured protocol. TensorBoard is optional (the ``tensorboard``
+    extra): a missing tensorboardX is a UsageError."""
+
+    def __init__(self, directory: Path, resume_step: int | None) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs tensorboardX: pip install 'manifold-lab[tensorboard]'") from None
+        # purge_step: TensorBoard drops the events a previous attempt wrote after the resumed step
+        self._writer = SummaryWriter(str(directory), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one metrics record's scalars at its step."""
+        step = int(record["step"])
+        for key, tag in TENSORBOARD_TAGS.items():
+            if key in record:
+                self._writer.add_scalar(tag, float(record[key]), step)
+        for key, value in record.items():
+            if key.startswith(("test_loss", "test_accuracy")):
+                self._writer.add_scalar("test/" + key[len("test_"):], float(value), step)
+        if "test_accuracy" in record:
+            self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def clock(seconds: float) -> str:
+    """``H:MM:SS`` (``M:SS`` under an hour) of a duration."""
+    total = int(max(seconds, 0.0) + 0.5)
+    hours, rest = divmod(total, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class Progress:
-    """Console output: a one-line progress bar with loss and img/s on a terminal, plain log lines
-    otherwise. Only process 0 prints."""
+    """Console output. On a terminal, a one-line bar: steps done, elapsed time (across resumes),
+    rate (steps per second since the first line of this process, so compilation does not count),
+    time left at that rate, loss and img/s; evaluation lines stay on screen. Otherwise one plain
+    line per log step ending in ``elapsed`` and ``eta``. Only process 0 prints."""
 
     def __init__(self, total_steps: int, *, label: str = "", stream: TextIO | None = None,
                  enabled: bool = True) -> None:
@@ -98,6 +157,19 @@ class Progress:
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
         self._open_bar = False
+        self._first: tuple[int, float] | None = None
+
+    def timing(self, step: int) -> tuple[float | None, float | None]:
+        """``(steps per second since the first line shown, seconds left at that rate)``; None
+        before a rate can be measured."""
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (step, now)
+        done, seconds = step - self._first[0], now - self._first[1]
+        if done <= 0 or seconds <= 0:
+            return None, None
+        rate = done / seconds
+        return rate, (self.total - step) / rate
 
     def update(self, record: dict[str, Any]) -> None:
         """Show one metrics record."""
@@ -106,19 +178,23 @@ class Progress:
         test = ""
         if "test_accuracy" in record:
             test = f" test_acc {record['test_accuracy']:.4f} test_loss {record['test_loss']:.4f}"
+        rate, left = self.timing(record["step"])
+        eta = "?" if left is None else clock(left)
+        speed = "?" if rate is None else f"{rate:.2f}"
         text = (f"{self.label}step {record['step']}/{self.total} epoch {record['epoch']:.2f} "
                 f"loss {record['loss']:.4f} acc {record['train_accuracy']:.4f} "
                 f"lr {record['learning_rate']:.3g} {record['images_per_second']:.0f} img/s{test}")
         if self.tty:
             done = int(30 * record["step"] / max(self.total, 1))
             bar = "#" * done + "." * (30 - done)
-            self.stream.write(f"\r[{bar}] {text}\033[K")
+            self.stream.write(f"\r[{bar}] {clock(record.get('elapsed_s', 0.0))} {speed} step/s "
+                              f"{eta} left | {text}\033[K")
             self._open_bar = True
             if test:  # keep evaluation lines on screen
                 self.stream.write("\n")
                 self._open_bar = False
         else:
-            self.stream.write(text + "\n")
+            self.stream.write(f"{text} elapsed {clock(record.get('elapsed_s', 0.0))} eta {eta}\n")
         self.stream.flush()
 
     def message(self, text: str) -> None:

@@ -5,7 +5,9 @@
   sizes, image shape, ...), ``model_config`` and ``environment`` (package versions, git commit,
   devices).
 * ``metrics.jsonl``: one JSON object per logging step (see :mod:`manifold_lab.train.records`).
+  ``init_from`` records the run whose weights started this one, when it was started that way.
 * ``checkpoints/``: Orbax checkpoints by step (:mod:`manifold_lab.train.checkpoint`).
+* ``tensorboard/``: TensorBoard event files, when the run was started with ``--tensorboard``.
 * ``summary.json``: written last and atomically; its presence marks a finished run.
 
 A run is ``done`` (complete and consistent), ``partial`` (resumable: config, a checkpoint, no
@@ -30,6 +32,11 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+#: TensorBoard event files of the run (written with ``--tensorboard``).
+TENSORBOARD_DIR = "tensorboard"
+#: ``config.json`` key recording the run whose weights started this one (``--init-from``):
+#: ``{"run": absolute path, "step": checkpoint step}``; absent for runs started from scratch.
+INIT_FROM_KEY = "init_from"
 SUMMARY_KEYS = ("final_test_accuracy", "final_test_loss", "steps", "epochs", "wall_time_s",
                 "train_images_per_second", "params")
 DONE, MISSING, PARTIAL, CORRUPT = "done", "missing", "partial", "corrupt"
@@ -174,10 +181,11 @@ class RunDir:
     # -- writing
 
     def write_config(self, train_fields: Mapping[str, Any], resolved: Mapping[str, Any],
-                     model_config: Mapping[str, Any], environment: Mapping[str, Any]) -> None:
-        """Write ``config.json`` atomically."""
-        atomic_write_json(self.config_path, {**train_fields, "resolved": resolved,
-                                             "model_config": model_config, "environment": environment})
+                     model_config: Mapping[str, Any], environment: Mapping[str, Any], *,
+                     extra: Mapping[str, Any] | None = None) -> None:
+        """Write ``config.json`` atomically; ``extra``: further reserved keys (``init_from``)."""
+        atomic_write_json(self.config_path, {**train_fields, "resolved": resolved, "model_config": model_config,
+                                             "environment": environment, **(extra or {})})
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` atomically (the last file of a run)."""

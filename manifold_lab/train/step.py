@@ -170,6 +170,17 @@ def make_eval_batch_fn(graphdef: nnx.GraphDef) -> Callable:
     return eval_fn
 
 
+def make_stream_eval(graphdef: nnx.GraphDef, *, mean: tuple[float, ...], std: tuple[float, ...],
+                     dtype: str) -> Callable:
+    """``(params, batch_stats, images_uint8, y, mask) -> (loss_sum, correct)`` of one streamed test
+    batch, normalised as the training step normalises its batches."""
+    batch_fn = make_eval_batch_fn(graphdef)
+
+    def evaluate(params, batch_stats, images, y, mask):
+        return batch_fn(params, batch_stats, normalize(images, mean, std, dtype), y, mask)
+    return evaluate
+
+
 def make_memory_eval(graphdef: nnx.GraphDef, *, batch_size: int, num_batches: int,
                      mean: tuple[float, ...], std: tuple[float, ...], dtype: str,
                      batch_sharding: jax.sharding.Sharding | None = None) -> Callable:
