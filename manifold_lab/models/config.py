@@ -244,3 +244,14 @@ class MobileNetV1Config(NetworkOptions):
         strides = [layer.stride for layer in self.layers]
         strides[strides.index(2)] = LAYOUT_STRIDES[self.layout][1]
         return tuple(strides)
+
+
+def require_geometry(config: MobileNetV2Config, expected: dict[str, object], source: str) -> None:
+    """Raise ``ValueError`` unless ``config`` has the ``expected`` field values and Table 2's stage
+    table: the geometry of another framework's MobileNetV2 (``source``) whose weights are mapped."""
+    wrong = [f"{k}={getattr(config, k)!r} ({source}: {v!r})" for k, v in expected.items()
+             if getattr(config, k) != v]
+    if config.stages != MobileNetV2Config().stages:
+        wrong.append("a non-default stage table")
+    if wrong:
+        raise ValueError(f"config does not match {source}'s MobileNetV2: " + ", ".join(wrong))

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from manifold_lab.models.config import MobileNetV2Config
+from manifold_lab.models.config import MobileNetV2Config, require_geometry
 from manifold_lab.models.mobilenet_v2 import MobileNetV2
 
 #: Width multipliers keras.applications.MobileNetV2 accepts (tried when no config is given).
@@ -155,15 +155,9 @@ def keras_targets(model: MobileNetV2) -> Iterator[tuple[str, list[nnx.Variable],
 
 
 def check_keras_geometry(config: MobileNetV2Config) -> None:
-    """Raise ``ValueError`` unless ``config`` computes what Keras' MobileNetV2 computes."""
-    expected = {"padding": "same", "bn_epsilon": 1e-3, "layout": "imagenet",
-                "residual": "bottleneck", "bottleneck_activation": "linear"}
-    wrong = [f"{k}={getattr(config, k)!r} (Keras: {v!r})" for k, v in expected.items()
-             if getattr(config, k) != v]
-    if config.stages != MobileNetV2Config().stages:
-        wrong.append("a non-default stage table")
-    if wrong:
-        raise ValueError("config does not match Keras' MobileNetV2: " + ", ".join(wrong))
+    """Raise ``ValueError`` unless ``config`` computes what Keras's MobileNetV2 computes."""
+    require_geometry(config, {"padding": "same", "bn_epsilon": 1e-3, "layout": "imagenet",
+                "residual": "bottleneck", "bottleneck_activation": "linear"}, "Keras")
 
 
 def _kernel_shapes(config: MobileNetV2Config) -> dict[str, tuple[int, ...]]:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from manifold_lab.models.config import MobileNetV2Config
+from manifold_lab.models.config import MobileNetV2Config, require_geometry
 from manifold_lab.models.mobilenet_v2 import MobileNetV2
 
 #: Width multipliers tried when no config is given (any width whose shapes fit is the same network).
@@ -107,14 +107,8 @@ def _variables(model: MobileNetV2, unit: TorchUnit
 
 def check_torchvision_geometry(config: MobileNetV2Config) -> None:
     """Raise ``ValueError`` unless ``config`` computes what torchvision's MobileNetV2 computes."""
-    expected = {"padding": "symmetric", "bn_epsilon": 1e-5, "layout": "imagenet",
-                "residual": "bottleneck", "bottleneck_activation": "linear"}
-    wrong = [f"{k}={getattr(config, k)!r} (torchvision: {v!r})" for k, v in expected.items()
-             if getattr(config, k) != v]
-    if config.stages != MobileNetV2Config().stages:
-        wrong.append("a non-default stage table")
-    if wrong:
-        raise ValueError("config does not match torchvision's MobileNetV2: " + ", ".join(wrong))
+    require_geometry(config, {"padding": "symmetric", "bn_epsilon": 1e-5, "layout": "imagenet",
+                "residual": "bottleneck", "bottleneck_activation": "linear"}, "torchvision")
 
 
 def _fits(arrays: Mapping[str, np.ndarray], config: MobileNetV2Config) -> bool:
