@@ -10,8 +10,7 @@ The names are imported on first use, so that ``import ablations`` stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from manifold_lab.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "run_sweep": "ablations.run",
@@ -25,9 +24,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

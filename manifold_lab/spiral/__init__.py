@@ -53,8 +53,7 @@ oracle and the benchmark baseline.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from manifold_lab.lazy import lazy_exports
 
 #: The public names, imported on first use: plotting a saved result does not import JAX.
 _EXPORTS: dict[str, str] = {
@@ -65,9 +64,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,7 @@ reading finished runs (:mod:`manifold_lab.train.run_dir`) does not import JAX.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from manifold_lab.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "EXIT_DIVERGED": "manifold_lab.train.loop",
@@ -27,9 +26,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
