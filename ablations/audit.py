@@ -48,13 +48,19 @@ from typing import Any
 import numpy as np
 
 from manifold_lab.atomic import atomic_savefig, atomic_write_json
-from manifold_lab.cli import ArgumentParser, UsageError, nonnegative_int, positive_int, run_main, writable_dir
+from manifold_lab.cli import (ArgumentParser, Bounds, UsageError, command_name, nonnegative_int, positive_int,
+                              run_main, writable_dir)
+from manifold_lab.train.config import BATCH, IMAGE_SIZE
 from ablations.audit_records import MAX_DECODER_FEATURES, BlockRecord, expanded_blocks, read_blocks, whole_batches
 from ablations.measurements import jsonable
+
+PROG = command_name("audit", "ablations.audit")
 
 FORMAT = 1
 #: Training images of the decoders for in-memory datasets (streamed ones default to none).
 DEFAULT_TRAIN_IMAGES = 4096
+#: ``--max-decoder-features``: a decoder's float64 Gram matrix of 16384 features takes 2 GiB.
+DECODER_FEATURES = Bounds(1, 16384, integral=True)
 #: Keras' MobileNetV2 preprocessing: uint8 pixels to [-1, 1].
 KERAS_SCALING = "x / 127.5 - 1 (Keras' MobileNetV2 preprocessing)"
 
@@ -234,24 +240,29 @@ def write_outputs(out: Path, document: dict[str, Any]) -> tuple[Path, Path]:
 
 
 def build_parser() -> ArgumentParser:
-    """The command line of ``python -m ablations.audit``."""
-    parser = ArgumentParser(prog="python -m ablations.audit", description=__doc__.splitlines()[0])
+    """The command line of ``python -m ablations.audit`` (``manifold-lab audit``)."""
+    parser = ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("run_dir", nargs="?", default=None, help="a complete run directory")
-    parser.add_argument("--keras-weights", default=None, metavar="FILE", help="a Keras MobileNetV2 weights file "
-                        "(.keras, .weights.h5 or legacy .h5) instead of a run")
-    source = parser.add_mutually_exclusive_group()
+    network = parser.add_argument_group("network (a run, or Keras weights)")
+    network.add_argument("--keras-weights", default=None, metavar="FILE", help="a Keras MobileNetV2 weights "
+                         "file (.keras, .weights.h5 or legacy .h5) instead of a run")
+    source = network.add_mutually_exclusive_group()
     source.add_argument("--images", default=None, metavar="DIR", help="with --keras-weights: JPEG/PNG files")
-    source.add_argument("--dataset", default=None, metavar="NAME", help="with --keras-weights: a dataset's test split")
-    parser.add_argument("--image-size", type=positive_int, default=224, help="with --keras-weights: input size")
-    parser.add_argument("--count", type=positive_int, default=512, help="test images audited (default 512)")
-    parser.add_argument("--train-count", type=nonnegative_int, default=None, metavar="M",
-                        help=f"training images of the decoders (default {DEFAULT_TRAIN_IMAGES} for in-memory "
-                             "datasets of a run, else none)")
-    parser.add_argument("--batch-size", type=positive_int, default=128,
-                        help="images per forward pass; images beyond whole batches are not audited")
-    parser.add_argument("--max-decoder-features", type=positive_int, default=MAX_DECODER_FEATURES)
-    parser.add_argument("--data-dir", default=None, help="dataset folder, if the run or --dataset needs one")
-    parser.add_argument("--out", default=None, help="output folder (default audit/<run or weights name>)")
+    source.add_argument("--dataset", default=None, metavar="NAME",
+                        help="with --keras-weights: a dataset's test split")
+    network.add_argument("--image-size", type=IMAGE_SIZE, default=224, help="with --keras-weights: input size")
+    audit = parser.add_argument_group("audit")
+    audit.add_argument("--count", type=positive_int, default=512, help="test images audited")
+    audit.add_argument("--train-count", type=nonnegative_int, default=None, metavar="M",
+                       help=f"training images of the decoders (default: {DEFAULT_TRAIN_IMAGES} for in-memory "
+                            "datasets of a run, else none)")
+    audit.add_argument("--batch-size", type=BATCH, default=128,
+                       help="images per forward pass; images beyond whole batches are not audited")
+    audit.add_argument("--max-decoder-features", type=DECODER_FEATURES, default=MAX_DECODER_FEATURES,
+                       help="blocks whose output has more values per image than this get no decoder")
+    where = parser.add_argument_group("data and output")
+    where.add_argument("--data-dir", default=None, help="dataset folder, if the run or --dataset needs one")
+    where.add_argument("--out", default=None, help="output folder (default: audit/<run or weights name>)")
     return parser
 
 
@@ -283,4 +294,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main, prog="python -m ablations.audit"))
+    raise SystemExit(run_main(main, prog=PROG))

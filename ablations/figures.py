@@ -36,18 +36,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold_lab.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
-from manifold_lab.cli import ArgumentParser, UsageError, run_main, writable_dir  # noqa: E402
+from manifold_lab.cli import ArgumentParser, UsageError, command_name, run_main, writable_dir  # noqa: E402
 from ablations import plots, readme, report, report_appendix_a  # noqa: E402
 from ablations.activity import LayerActivity  # noqa: E402
-from ablations.cli import check_readable_dir, open_results  # noqa: E402
+from ablations.cli import (add_preset_arguments, check_readable_dir, check_results, open_results,  # noqa: E402
+                           preset_from_args)
 from ablations.measurements import (APPENDIX_A, APPENDIX_A_STUDY, MEASUREMENTS_DIR, SPIRAL, TABLES,  # noqa: E402
                                     Measurement, appendix_a_inputs, array_from_json, current, device_label,
                                     hardware, measurement_names, read_measurement, spiral_inputs, study_inputs,
                                     tables_inputs)
 from ablations.plan import preset_dir  # noqa: E402
 from ablations.results import VariantResults, load_study  # noqa: E402
-from ablations.studies import ALL_STUDIES, PRESETS, STUDIES, Preset, Study  # noqa: E402
+from ablations.studies import ALL_STUDIES, STUDIES, Preset, Study  # noqa: E402
 from ablations.tables import WidthTable, tables_markdown, tables_section, width_table  # noqa: E402
+
+PROG = command_name("figures", "ablations.figures")
 
 #: Verdict of a claim whose numbers have not been measured (or are out of date).
 NOT_MEASURED = "skipped: not measured"
@@ -232,8 +235,14 @@ def _provenance_row(name: str, m: Measurement | None) -> list[str]:
     p, host = m.provenance, m.provenance.get("host", {})
     return [f"`{name}`", m.what, m.status + (f" ({m.reason})" if m.reason else ""),
             f"{device_label(m)} ({hardware(m)}) of `{host.get('name', '?')}` ({host.get('platform', '?')}; "
-            f"{host.get('usable_cpus', '?')} usable cores)", p.get("measured_at", "?"),
+            f"{host.get('usable_cpus', '?')} usable cores{_threads(host)})", p.get("measured_at", "?"),
             f"jax {p.get('versions', {}).get('jax', '?')}", f"`{p.get('git_commit') or '?'}`"]
+
+
+def _threads(host: dict) -> str:
+    """``, N XLA threads`` where the measurement recorded its intra-op pool (older ones did not)."""
+    threads = host.get("xla_cpu_threads")
+    return "" if threads is None else f", {threads} XLA thread{'s' if threads != 1 else ''}"
 
 
 def measurements_section(ctx: Context) -> report.Section:
@@ -275,27 +284,29 @@ def build_all(ctx: Context) -> list[report.Section]:
 
 
 def build_parser() -> ArgumentParser:
-    """The command line of ``python -m ablations.figures``."""
-    parser = ArgumentParser(prog="python -m ablations.figures", description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default="results", help="results folder (default results/)")
-    parser.add_argument("--out", default="figures", help="output folder (default figures/)")
-    parser.add_argument("--preset", default=None,
-                        help=f"one of {', '.join(PRESETS)} (default: the only one present in --results)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one")
-    parser.add_argument("--replicate", default=None, metavar="RESULTS",
+    """The command line of ``python -m ablations.figures`` (``manifold-lab figures``)."""
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_preset_arguments(parser, None)
+    where = parser.add_argument_group("data and results")
+    where.add_argument("--results", default="results", help="results folder")
+    where.add_argument("--out", default="figures", help="output folder")
+    where.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one")
+    where.add_argument("--readme", type=Path, default=None, metavar="README",
+                       help="also write the Fig. 6 comparisons into this file's results block")
+    second = parser.add_argument_group("second run")
+    second.add_argument("--replicate", default=None, metavar="RESULTS",
                         help="results folder of a second run of the same preset (for example with another "
                              "float rounding): its Fig. 6 verdicts are listed beside these")
-    parser.add_argument("--replicate-note", default="a second run of the same preset",
+    second.add_argument("--replicate-note", default="a second run of the same preset",
                         help="how the --replicate run differs, for the report")
-    parser.add_argument("--readme", type=Path, default=None, metavar="README",
-                        help="also write the Fig. 6 comparisons into this file's results block")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablations.figures``: render the preset's figures, tables.md and REPORT.md."""
     args = build_parser().parse_args(argv)
-    preset, root = open_results(Path(args.results), args.preset)
+    check_results(Path(args.results))
+    preset, root = open_results(Path(args.results), preset_from_args(args, Path(args.results)))
     ctx = Context(root, writable_dir(args.out), preset, args.data_dir)
     sections = build_all(ctx)
     if args.replicate is not None:
@@ -317,4 +328,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main, prog="python -m ablations.figures"))
+    raise SystemExit(run_main(main, prog=PROG))

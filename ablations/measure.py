@@ -41,6 +41,7 @@ import datetime
 import functools
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from manifold_lab.cli import ArgumentParser, UsageError, run_main, writable_dir
-from ablations.cli import open_results
+from manifold_lab.cli import ArgumentParser, UsageError, command_name, run_main, writable_dir
+from manifold_lab.cpu_threads import SWEEP_THREADS, fix_intra_op_threads, intra_op_threads
+from ablations.cli import add_preset_arguments, check_results, open_results, preset_from_args
 from ablations.audit_records import whole_batches
 from ablations.measurements import (APPENDIX_A, APPENDIX_A_STUDY, MEASURED, SPIRAL, SPIRAL_SEED, TABLES,
                                     TABLES_RESOLUTION, TABLES_WIDTH, UNAVAILABLE, Measurement, appendix_a_inputs,
@@ -62,6 +64,8 @@ from ablations.results import SeedRun, VariantResults, load_study
 from ablations.studies import STUDIES, Preset, Study
 
 Log = Callable[[str], None]
+PROG = command_name("measure", "ablations.measure")
+
 _VERSIONS = ("jax", "jaxlib", "flax", "numpy", "matplotlib", "manifold-lab")
 
 
@@ -135,7 +139,7 @@ def provenance(command: str, seconds: float) -> dict[str, Any]:
         "host": {"name": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
                  "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))
                  if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                 "python": sys.version.split()[0]},
+                 "xla_cpu_threads": intra_op_threads(), "python": sys.version.split()[0]},
         "device": {"backend": jax.default_backend(),
                    "devices": [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in devices]},
         "versions": {name: _version(name) for name in _VERSIONS},
@@ -383,30 +387,31 @@ def measure_preset(results: Path, preset: Preset, *, only: Sequence[str] | None 
 
 
 def build_parser() -> ArgumentParser:
-    """The command line of ``python -m ablations.measure``."""
-    from ablations.studies import PRESETS
-
-    parser = ArgumentParser(prog="python -m ablations.measure", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None,
-                        help=f"one of {', '.join(PRESETS)} (default: the only one present in --results)")
-    parser.add_argument("--results", default="results", help="results folder (default results/)")
-    parser.add_argument("--only", action="append", default=None, metavar="NAME",
-                        help=f"make only this measurement (repeatable): {', '.join(measurers())}")
-    parser.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one (Fig. 7 and "
-                                                         "the Appendix A audit read images)")
+    """The command line of ``python -m ablations.measure`` (``manifold-lab measure``)."""
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_preset_arguments(parser, None)
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--only", action="append", default=None, metavar="NAME",
+                      help=f"make only this measurement (repeatable): {', '.join(measurers())}")
+    where = parser.add_argument_group("data and results")
+    where.add_argument("--results", default="results", help="results folder")
+    where.add_argument("--data-dir", default=None, help="dataset folder, if the runs used one (Fig. 7 and "
+                                                        "the Appendix A audit read images)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablations.measure``: make the preset's measurements; exit 1 if one could not be made."""
     args = build_parser().parse_args(argv)
+    fix_intra_op_threads(SWEEP_THREADS)  # as the sweep that ends by measuring; before JAX starts
     names = list(measurers())
     unknown = [n for n in args.only or () if n not in names]
     if unknown:
         raise UsageError(f"--only: unknown measurement {unknown[0]!r}; choose from {', '.join(names)}")
-    preset, _ = open_results(Path(args.results), args.preset)
-    command = f"python -m ablations.measure --preset {preset.name}" + "".join(
-        f" --only {n}" for n in args.only or ())
+    check_results(Path(args.results))
+    preset, _ = open_results(Path(args.results), preset_from_args(args, Path(args.results)))
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "ablations.measure", *given])
     problems = measure_preset(Path(args.results), preset, only=args.only, data_dir=args.data_dir,
                               command=command)
     for line in problems:
@@ -415,4 +420,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main, prog="python -m ablations.measure"))
+    raise SystemExit(run_main(main, prog=PROG))

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from manifold_lab.cli import UsageError
-from manifold_lab.train.config import TrainConfig
-from manifold_lab.train.run_dir import CORRUPT, DONE, MISSING, PARTIAL, RunDir
+from manifold_lab.train.config import LOCATION_FIELDS, SEED_COUNT, TrainConfig, identity_fields
+from manifold_lab.train.lock import locked_by
+from manifold_lab.train.run_dir import CORRUPT, DONE, LOCK_FILE, MISSING, PARTIAL, RunDir
 from ablations.studies import STUDIES, Preset, Study, Variant, study_names
 
-#: TrainConfig fields that say where things are, not what is trained: excluded from ids and checks.
-NON_SEMANTIC_FIELDS: frozenset[str] = frozenset({"data_dir"})
+#: TrainConfig fields that say where things are, not what is trained: never listed as a run's overrides
+#: (the trainer's :data:`~manifold_lab.train.config.LOCATION_FIELDS`).
+NON_SEMANTIC_FIELDS: frozenset[str] = frozenset(LOCATION_FIELDS)
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -91,7 +93,7 @@ def _slug(config: Mapping[str, Any]) -> str:
 
 def group_id(config: Mapping[str, Any]) -> str:
     """Seed-independent id of a resolved config: ``{slug}-{sha256[:10]}``."""
-    key = {k: v for k, v in config.items() if k != "seed" and k not in NON_SEMANTIC_FIELDS}
+    key = {k: v for k, v in identity_fields(config).items() if k != "seed"}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return f"{_slug(config)}-{digest}"
 
@@ -125,7 +127,13 @@ def build_plan(selector: str, preset: Preset, seeds: int | None = None,
                data_dir: str | None = None) -> list[Run]:
     """All runs of ``selector`` (a study name or ``all``), deduplicated by config, sorted by id.
 
-    Raises :class:`UsageError` for an unknown study or a config the trainer rejects."""
+    Raises :class:`UsageError` for an unknown study, a seed count outside
+    :data:`~manifold_lab.train.config.SEED_COUNT` (before any run is listed) or a config the trainer
+    rejects."""
+    for name, count in (("--seeds", seeds), ("seeds", preset.seeds), ("width_seeds", preset.width_seeds)):
+        problem = None if count is None else SEED_COUNT.problem(count)
+        if problem is not None:
+            raise UsageError(f"{name} {problem}")
     try:
         names = study_names(selector)
     except KeyError:
@@ -176,10 +184,9 @@ def preset_dir(results: str | Path, preset: Preset) -> Path:
 
 def run_status(run_dir: Path, expected: Mapping[str, Any]) -> tuple[str, str]:
     """``(status, reason)`` of a run directory against its expected resolved config
-    (:meth:`manifold_lab.train.run_dir.RunDir.status`; the fields of :data:`NON_SEMANTIC_FIELDS`
-    may differ)."""
-    semantic = {k: v for k, v in expected.items() if k not in NON_SEMANTIC_FIELDS}
-    return RunDir(run_dir).status(semantic)
+    (:meth:`manifold_lab.train.run_dir.RunDir.status`; only the
+    :func:`~manifold_lab.train.config.identity_fields` must agree)."""
+    return RunDir(run_dir).status(identity_fields(expected))
 
 
 def adopt_earlier_ids(root: Path, runs: Sequence[Run], log: Callable[[str], None]) -> list[str]:
@@ -199,8 +206,11 @@ def adopt_earlier_ids(root: Path, runs: Sequence[Run], log: Callable[[str], None
         for candidate in sorted(root.glob(f"{slug}-*-s{run.seed}")):
             if (candidate.name != run.run_id and pattern.fullmatch(candidate.name)
                     and run_status(candidate, run.expected_config())[0] in (DONE, PARTIAL)):
-                if target.exists():
-                    target.rmdir()  # empty (MISSING)
+                if target.exists():  # MISSING: empty, or a lock file left behind
+                    if locked_by(target) is not None:
+                        break  # another process has just started this run
+                    (target / LOCK_FILE).unlink(missing_ok=True)
+                    target.rmdir()
                 candidate.rename(target)
                 log(f"{candidate.name}: the same run under an earlier id, renamed to {run.run_id}")
                 adopted.append(candidate.name)

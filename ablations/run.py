@@ -1,4 +1,4 @@
-"""Resumable, shardable sweep runner: ``python -m ablations.run STUDY|all --preset P``.
+"""Train the runs of an ablation study, resumably and by shards (``manifold-lab sweep STUDY|all``).
 
 Runs only what is missing: finished runs are skipped, partial ones resumed from their checkpoint
 (clean restart if that fails), corrupt ones moved to ``RESULTS/<preset>/_quarantine/`` and re-run.
@@ -7,7 +7,9 @@ where that pays: ``--multi-seed auto`` (the default) does so on accelerators and
 after another on a CPU, where the vmapped program was measured slower (0.85x the images/s of
 sequential runs on 2 cores, ``benchmarks/README.md``); ``on``/``off`` force either.
 ``--workers`` trains runs side by side in child processes, each pinned to its own CPU cores
-(:mod:`ablations.workers`; by default one per core on a CPU). ``--shard i/N`` runs the i-th of N
+(:mod:`ablations.workers`; by default one per core on a CPU). Every process of a sweep gives XLA:CPU
+:data:`~manifold_lab.cpu_threads.SWEEP_THREADS` intra-op thread, whatever ``--workers``: the thread count changes a run's
+numbers (:mod:`manifold_lab.cpu_threads`). ``--shard i/N`` runs the i-th of N
 contiguous slices of the id-sorted run list (1-based), so a job array covers a sweep exactly once; ``--dry-run`` prints one line per run:
 ``run_id<TAB>study:variant,...<TAB>overrides<TAB>status``.
 
@@ -18,6 +20,13 @@ config keeps them. ``--preset-file FILE.py`` takes a user's preset instead of ``
 (:func:`ablations.studies.load_preset_file`). From Python, :func:`run_sweep` does what the command
 does (``from ablations import run_sweep``).
 
+Two sweeps may share one results folder (job arrays without ``--shard``, a sweep started twice):
+a run's folder is locked by the process training it (:mod:`manifold_lab.train.lock`), and a sweep
+passes over, in one line, a run that another live process holds, so every run is trained once.
+Ctrl-C and SIGTERM (schedulers, preemption) end the current training step, save a checkpoint and
+exit with 130 or 143 (workers included, which also stop when the sweep's process dies); running
+the sweep again resumes. Other exit codes: 0 every run done, 1 a run failed, 2 bad arguments.
+
 When the sweep leaves every run of the preset's plan (``all`` at the preset's seed counts) done, it
 ends with the measuring step (:mod:`ablations.measure`: the spiral experiment, Fig. 7's statistics,
 costs and latency, written to ``RESULTS/<preset>/measurements/``), so that
@@ -27,7 +36,7 @@ costs and latency, written to ``RESULTS/<preset>/measurements/``), so that
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,16 +50,18 @@ from typing import Any
 
 from manifold_lab.allocator import reexec_with_allocator
 from manifold_lab.atomic import atomic_write_text
-from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main, writable_dir
+from manifold_lab.cli import ArgumentParser, UsageError, command_name, positive_int, run_main, writable_dir
+from manifold_lab.cpu_threads import SWEEP_THREADS, fix_intra_op_threads
+from manifold_lab.train.lock import RunLock, RunLocked
 from ablations import measure
-from ablations.cli import check_readable_dir, resolve_preset
+from ablations.cli import add_preset_arguments, check_readable_dir, preset_from_args, sweep_preset
 from ablations.plan import (CORRUPT, DONE, MISSING, PARTIAL, Run, adopt_earlier_ids, build_plan,
                             describe_summary, parse_shard, preset_dir, run_status, shard)
-from ablations.studies import (PRESETS, STUDIES, Preset, apply_overrides, get_preset, load_preset_file,
-                               parse_value, preset_to_dict)
-from ablations.workers import WorkerPool, cpu_groups, parse_cpus, pin_to_cpus, usable_cpus
+from ablations.studies import PRESETS, STUDIES, Preset, get_preset, preset_to_dict
+from ablations.workers import WorkerPool, cpu_groups, parse_cpus, pin_to_cpus, stop_with_parent, usable_cpus
 
 Log = Callable[[str], None]
+PROG = command_name("sweep", "ablations.run")
 
 
 def _log(msg: str) -> None:
@@ -70,7 +81,11 @@ def quarantine(run_dir: Path, root: Path, log: Log) -> Path:
 
 
 class Sweep:
-    """Executes a list of runs under ``root`` (``RESULTS/<preset>``), reporting progress through ``log``."""
+    """Executes a list of runs under ``root`` (``RESULTS/<preset>``), reporting progress through ``log``.
+
+    A run's folder is locked (:mod:`manifold_lab.train.lock`) from the moment its status is read
+    until it is trained, so a second sweep on the same results never trains, resumes or quarantines
+    a run this one holds: it passes it over in one line (``skipped``), and the run is not failed."""
 
     def __init__(self, runs: Sequence[Run], root: Path, log: Log = _log, multi_seed: bool = True) -> None:
         self.runs = list(runs)
@@ -78,6 +93,7 @@ class Sweep:
         self.log = log
         self.multi_seed = multi_seed
         self.failed: list[tuple[str, str]] = []
+        self.skipped: list[str] = []
         self.trained = 0
         self._done = 0
 
@@ -111,7 +127,7 @@ class Sweep:
             self.failed.append((run.run_id, f"{exc.__class__.__name__}: {exc}"))
             self.log(f"  FAILED {run.run_id}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
-    def _train_group(self, group: list[Run]) -> None:
+    def _train_group(self, group: list[Run], held: contextlib.ExitStack) -> None:
         """Train several missing seeds of one configuration in one multi-seed program."""
         import manifold_lab.train as trainer
         start = time.perf_counter()
@@ -125,10 +141,9 @@ class Sweep:
             self.log(f"  multi-seed training not possible ({exc.__class__.__name__}: {exc}); "
                      "running the seeds one by one")
             for r in group:
-                rdir = self.root / r.run_id
-                if run_status(rdir, r.expected_config())[0] != MISSING:
-                    quarantine(rdir, self.root, self.log)
-                self._attempt(r, resume=False)
+                if (run_status(self.root / r.run_id, r.expected_config())[0] == MISSING
+                        or self._set_aside(r, held)):
+                    self._attempt(r, resume=False)
             return
         self.trained += len(group)
         elapsed = time.perf_counter() - start
@@ -137,37 +152,68 @@ class Sweep:
                 self.log(f"  done {r.run_id} (seed {r.seed}, {len(group)} seeds in {elapsed:.1f}s): "
                          f"{describe_summary(summary)}")
 
+    def _lock(self, run: Run, held: contextlib.ExitStack) -> str | None:
+        """Take the lock of ``run``'s folder until ``held`` closes: None, or who else holds it."""
+        try:
+            held.enter_context(RunLock(self.root / run.run_id, self.log))
+        except RunLocked as exc:
+            self.skipped.append(run.run_id)
+            return str(exc.holder or "another process")
+        return None
+
+    def _set_aside(self, run: Run, held: contextlib.ExitStack) -> bool:
+        """Quarantine ``run``'s folder (locked) and lock the fresh one in its place; False, said in
+        one line, when another process took that first."""
+        quarantine(self.root / run.run_id, self.root, self.log)
+        holder = self._lock(run, held)
+        if holder is not None:
+            self.log(f"  {run.run_id}: locked by {holder}, skipped")
+        return holder is None
+
+    def _claim(self, run: Run, held: contextlib.ExitStack) -> bool:
+        """Lock ``run``'s folder (unless it is done) and do what its status asks: True when it is to
+        be trained from scratch; False when it is done, was resumed here, or another process holds it."""
+        run_dir = self.root / run.run_id
+        status, reason = run_status(run_dir, run.expected_config())
+        if status != DONE:
+            holder = self._lock(run, held)
+            if holder is not None:
+                self.log(f"{self._progress(run)}: locked by {holder}, skipped")
+                return False
+            status, reason = run_status(run_dir, run.expected_config())  # as its last holder left it
+        if status == DONE:
+            self.log(f"{self._progress(run)}: done, skipped")
+            return False
+        if status == PARTIAL:
+            self.log(f"{self._progress(run)}: partial ({reason}), resuming")
+            try:
+                self._train_one(run, resume=True)
+                return False
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # incl. UsageError (bad checkpoint); a real usage error recurs below
+                self.log(f"  resume failed ({exc.__class__.__name__}: {exc}); restarting from scratch")
+                status = CORRUPT
+        if status == CORRUPT and run_dir.exists():
+            self.log(f"  {run.run_id}: corrupt ({reason}), re-running from scratch")
+            return self._set_aside(run, held)
+        return True
+
     def execute(self) -> int:
-        """Run everything that is not done; returns the number of failed runs."""
-        pending: dict[str, list[Run]] = {}
+        """Run everything that is not done, one configuration (its seeds) at a time, holding the
+        locks of its runs meanwhile; returns the number of failed runs."""
+        groups: dict[str, list[Run]] = {}
         for run in self.runs:
-            run_dir = self.root / run.run_id
-            status, reason = run_status(run_dir, run.expected_config())
-            if status == DONE:
-                self.log(f"{self._progress(run)}: done, skipped")
-                continue
-            if status == PARTIAL:
-                self.log(f"{self._progress(run)}: partial ({reason}), resuming")
-                try:
-                    self._train_one(run, resume=True)
+            groups.setdefault(run.group_id, []).append(run)
+        for group in groups.values():
+            with contextlib.ExitStack() as held:
+                pending = [run for run in group if self._claim(run, held)]
+                if len(pending) >= 2 and self.multi_seed:
+                    for r in pending:
+                        self.log(f"{self._progress(r)}: training (multi-seed group of {len(pending)})")
+                    self._train_group(pending, held)
                     continue
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:  # incl. UsageError (bad checkpoint); a real usage error recurs below
-                    self.log(f"  resume failed ({exc.__class__.__name__}: {exc}); restarting from scratch")
-                    status = CORRUPT
-            if status == CORRUPT:
-                if run_dir.exists():
-                    self.log(f"  {run.run_id}: corrupt ({reason}), re-running from scratch")
-                    quarantine(run_dir, self.root, self.log)
-            pending.setdefault(run.group_id, []).append(run)
-        for group in pending.values():
-            if len(group) >= 2 and self.multi_seed:
-                for r in group:
-                    self.log(f"{self._progress(r)}: training (multi-seed group of {len(group)})")
-                self._train_group(group)
-            else:
-                for r in group:
+                for r in pending:
                     self.log(f"{self._progress(r)}: training")
                     self._attempt(r, resume=False)
         return len(self.failed)
@@ -219,13 +265,14 @@ def preset_args(preset: Preset, root: Path) -> list[str]:
 
 def child_command(study: str, preset: Preset, out: Path, seeds: int | None, data_dir: str | None
                   ) -> Callable[[Run, Sequence[int]], list[str]]:
-    """The command line of a worker child that trains one run pinned to ``cpus``."""
+    """The command line of a worker child that trains one run pinned to ``cpus`` and stops when
+    this process ends (``--worker-of``)."""
     given = preset_args(preset, preset_dir(out, preset))
 
     def command(run: Run, cpus: Sequence[int]) -> list[str]:
         argv = [sys.executable, "-m", "ablations.run", study, *given,
                 "--out", str(out), "--only", run.run_id, "--cpus", ",".join(map(str, cpus)),
-                "--workers", "1", "--multi-seed", "off"]
+                "--workers", "1", "--multi-seed", "off", "--worker-of", str(os.getpid())]
         if seeds is not None:
             argv += ["--seeds", str(seeds)]
         if data_dir is not None:
@@ -234,79 +281,52 @@ def child_command(study: str, preset: Preset, out: Path, seeds: int | None, data
     return command
 
 
-def override_arg(text: str) -> tuple[str, Any]:
-    """argparse type of ``--set``: ``KEY=VALUE``, the value parsed as JSON, else kept as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_value(value)
-
-
 def build_parser() -> ArgumentParser:
-    """The command line of ``python -m ablations.run``."""
-    parser = ArgumentParser(prog="python -m ablations.run", description=__doc__.splitlines()[0])
+    """The command line of ``python -m ablations.run`` (``manifold-lab sweep``)."""
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("study", help=f"all, {', '.join(STUDIES)}")
-    parser.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
-    parser.add_argument("--preset-file", default=None, metavar="FILE",
-                        help="a user preset instead of --preset: a .py file defining PRESET, get_preset() "
-                             "or one function returning an ablations.studies.Preset (or a .json preset)")
-    parser.add_argument("--set", dest="overrides", type=override_arg, action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a preset field (seeds=3, widths=[0.35,1.0]) or a training field of "
-                             "its runs (epochs=3, lr=0.05); repeatable; values are JSON, else text")
-    parser.add_argument("--seeds", type=positive_int, default=None,
-                        help="seeds per variant (default: the preset's; fig7 always uses seed 0)")
-    parser.add_argument("--out", default="results", help="results folder (default results/)")
-    parser.add_argument("--shard", default=None, help="run only shard i of N (1-based), e.g. 2/8")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (imagefolder/cifar presets)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
-    parser.add_argument("--multi-seed", choices=("auto", "on", "off"), default="auto",
-                        help="train a configuration's missing seeds as one vmapped program: auto "
-                             "(default: on accelerators, not on CPU), on, off")
-    parser.add_argument("--workers", type=workers_arg, default="auto",
+    add_preset_arguments(parser, "quick")
+    runs = parser.add_argument_group("which runs")
+    runs.add_argument("--seeds", type=positive_int, default=None,
+                      help="seeds per variant (default: the preset's; fig7 always uses seed 0)")
+    runs.add_argument("--shard", default=None, help="run only shard i of N (1-based), e.g. 2/8")
+    runs.add_argument("--only", action="append", default=None, metavar="RUN_ID",
+                      help="train only this run (repeatable; ids from --dry-run)")
+    runs.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+    where = parser.add_argument_group("data and results")
+    where.add_argument("--out", default="results", help="results folder")
+    where.add_argument("--data-dir", default=None, help="dataset folder (imagefolder/cifar presets)")
+    where.add_argument("--no-measure", action="store_true",
+                       help="do not run the measuring step when the preset's plan is complete")
+    layout = parser.add_argument_group("processes")
+    layout.add_argument("--workers", type=workers_arg, default="auto",
                         help="runs trained side by side, each in a child process pinned to its own CPU "
-                             "cores: auto (default: one per core on a CPU, 1 on accelerators) or N")
-    parser.add_argument("--only", action="append", default=None, metavar="RUN_ID",
-                        help="train only this run (repeatable; ids from --dry-run)")
-    parser.add_argument("--cpus", default=None, metavar="LIST",
+                             "cores: auto (one per core on a CPU, 1 on accelerators) or N")
+    layout.add_argument("--multi-seed", choices=("auto", "on", "off"), default="auto",
+                        help="train a configuration's missing seeds as one vmapped program: auto "
+                             "(on accelerators, not on CPU), on, off")
+    layout.add_argument("--cpus", default=None, metavar="LIST",
                         help="pin this process to these CPU cores, e.g. 0 or 0-3 (what --workers gives "
                              "its children)")
-    parser.add_argument("--no-measure", action="store_true",
-                        help="do not run the measuring step when the preset's plan is complete")
+    layout.add_argument("--worker-of", type=positive_int, default=None, metavar="PID",
+                        help="stop (saving a checkpoint, exit code 143) when process PID ends (what "
+                             "--workers gives its children)")
     return parser
-
-
-def sweep_preset(preset: str | Preset, overrides: Mapping[str, Any] | Sequence[str] | None = None,
-                 preset_file: str | os.PathLike[str] | None = None) -> Preset:
-    """The preset of a sweep: ``preset_file`` if given (:func:`ablations.studies.load_preset_file`),
-    else ``preset`` (a name or a :class:`Preset`), with ``overrides`` applied
-    (:func:`ablations.studies.apply_overrides`; a mapping, or ``KEY=VALUE`` strings as ``--set``)."""
-    base = load_preset_file(preset_file) if preset_file is not None else (
-        preset if isinstance(preset, Preset) else resolve_preset(preset))
-    if overrides is None:
-        return base
-    if not isinstance(overrides, Mapping):
-        pairs = []
-        for text in overrides:
-            try:
-                pairs.append(override_arg(text))
-            except argparse.ArgumentTypeError as exc:
-                raise UsageError(f"--set: {exc}") from None
-        overrides = dict(pairs)
-    return apply_overrides(base, overrides)
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
     """What :func:`run_sweep` did: ``root`` (``OUT/<preset>``), the status of each run of the plan
     afterwards (run id -> done, partial, missing or corrupt), the runs ``trained``, the ``failed``
-    ones (run id, reason) and the command's ``exit_code`` (0 all done, 1 something failed)."""
+    ones (run id, reason), the command's ``exit_code`` (0 all done, 1 something failed) and the
+    runs ``skipped`` because another process was training them (not failures)."""
 
     root: Path
     status: dict[str, str]
     trained: int
     failed: list[tuple[str, str]]
     exit_code: int
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
 
 def plan_runs(study: str, preset: Preset, *, seeds: int | None = None, data_dir: str | None = None,
@@ -361,13 +381,14 @@ def run_sweep(study: str, preset: str | Preset, out: str | os.PathLike[str] = "r
     else:
         sweep = Sweep(runs, root, multi_seed=use_multi_seed(multi_seed))
         failed = sweep.execute()
+    status = {r.run_id: run_status(root / r.run_id, r.expected_config())[0] for r in runs}
+    skipped = f"; {len(sweep.skipped)} skipped, locked by another process" if sweep.skipped else ""
     _log(f"trained {sweep.trained} runs in {time.perf_counter() - start:.1f}s; "
-         f"{len(runs) - failed} of {len(runs)} complete")
+         f"{sum(s == DONE for s in status.values())} of {len(runs)} complete{skipped}")
     for rid, why in sweep.failed:
         print(f"failed: {rid}: {why}", file=sys.stderr)
     code = 1 if failed else (0 if only or not measure_after else measure_if_complete(out, preset, data_dir))
-    status = {r.run_id: run_status(root / r.run_id, r.expected_config())[0] for r in runs}
-    return SweepResult(root, status, sweep.trained, list(sweep.failed), code)
+    return SweepResult(root, status, sweep.trained, list(sweep.failed), code, list(sweep.skipped))
 
 
 def dry_run(runs: Sequence[Run], preset: Preset, root: Path) -> int:
@@ -386,12 +407,15 @@ def dry_run(runs: Sequence[Run], preset: Preset, root: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablations.run``: train what is missing, then measure once the preset's plan is done."""
     args = build_parser().parse_args(argv)
+    fix_intra_op_threads(SWEEP_THREADS)  # before JAX starts its CPU client
+    if args.worker_of is not None:
+        stop_with_parent(args.worker_of)
     if args.cpus is not None:  # before JAX starts its threads
         try:
             pin_to_cpus(parse_cpus(args.cpus))
         except (ValueError, OSError) as exc:
             raise UsageError(f"--cpus {args.cpus!r}: {exc}") from None
-    preset = sweep_preset(args.preset, dict(args.overrides) if args.overrides else None, args.preset_file)
+    preset = preset_from_args(args)
     if args.dry_run:
         runs = plan_runs(args.study, preset, seeds=args.seeds, data_dir=args.data_dir,
                          shard_spec=args.shard, only=args.only)
@@ -427,4 +451,4 @@ def measure_if_complete(out: Path, preset: Preset, data_dir: str | None) -> int:
 
 if __name__ == "__main__":
     reexec_with_allocator()  # jemalloc or huge pages under XLA's buffers (manifold_lab/allocator.py)
-    raise SystemExit(run_main(main, prog="python -m ablations.run"))
+    raise SystemExit(run_main(main, prog=PROG))

@@ -25,6 +25,7 @@ with every figure: other processes on the machine make numbers noisy.
 
     .venv/bin/python benchmarks/train_throughput.py [--cases a,b,c] [--quick] [--json out.json]
         [--peers keras,torch] [--torch-threads 1,all] [--no-torch-compile] [--budget 60]
+        [--block-impl auto|plain|fused] [--modes train,inference]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from flax import nnx  # noqa: E402
 from manifold_lab.atomic import atomic_write_json  # noqa: E402
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main  # noqa: E402
 from manifold_lab.models import MobileNetV2Config, build_model, model_config  # noqa: E402
+from manifold_lab.models.config import BLOCK_IMPLS  # noqa: E402
 from manifold_lab.train.config import TrainConfig  # noqa: E402
 from manifold_lab.train.optim import make_optimizer  # noqa: E402
 from manifold_lab.train.step import make_train_step, split_state  # noqa: E402
@@ -73,9 +75,9 @@ class Case:
     batch: int
     inference: bool
 
-    def config(self) -> MobileNetV2Config:
+    def config(self, block_impl: str = "auto") -> MobileNetV2Config:
         return model_config("mobilenet_v2", width=self.width, layout="imagenet", num_classes=self.classes,
-                            in_channels=3)
+                            in_channels=3, block_impl=block_impl)
 
     def label(self) -> str:
         return f"({self.name}) {self.size}px w{self.width:g} {self.classes}cls b{self.batch}"
@@ -86,6 +88,10 @@ CASES: dict[str, Case] = {
     "b": Case("b", 32, 0.5, 10, 128, False),
     "c": Case("c", 224, 1.0, 1000, 32, True),
 }
+
+
+#: What can be measured: training steps (every case) and inference passes (cases with ``inference``).
+MODES = ("train", "inference")
 
 
 def load() -> float:
@@ -130,9 +136,9 @@ def ours_train(case: Case) -> Callable[[], None]:
     return run
 
 
-def ours_infer(case: Case) -> Callable[[], None]:
-    """A closure running one jitted inference forward pass (eval mode)."""
-    model = build_model(case.config(), rngs=nnx.Rngs(0))
+def ours_infer(case: Case, block_impl: str = "auto") -> Callable[[], None]:
+    """A closure running one jitted inference forward pass (eval mode), blocks by ``block_impl``."""
+    model = build_model(case.config(block_impl), rngs=nnx.Rngs(0))
     graphdef, params, stats = split_state(model)  # the engine's state form
     fwd = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s)(x, train=False))
     x = jax.random.normal(jax.random.key(0), (case.batch, case.size, case.size, 3), jnp.float32)
@@ -231,6 +237,8 @@ class Settings:
     warmup: int
     budget: float
     json: Path | None
+    block_impl: str
+    modes: list[str]
 
 
 def parse_settings(argv: Sequence[str] | None) -> Settings:
@@ -246,7 +254,13 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
                         help="comma-separated PyTorch thread counts to try ('all' = every core)")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--block-impl", choices=BLOCK_IMPLS, default="auto",
+                        help="our inference blocks: auto (fused where faster), plain or fused")
+    parser.add_argument("--modes", default="train,inference", help="comma-separated subset of train,inference")
     args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        raise UsageError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     names = [c for c in args.cases.split(",") if c]
     if not names or any(c not in CASES for c in names):
         raise UsageError(f"--cases must be a comma-separated subset of {','.join(CASES)}, got {args.cases!r}")
@@ -262,7 +276,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     return Settings(names, {p: importlib.util.find_spec(p) is not None for p in peers}, threads,
                     [v for v in TORCH_VARIANTS if not (args.no_torch_compile and v.startswith("compiled"))],
                     args.repeats or (3 if args.quick else 10), args.warmup or (1 if args.quick else 3),
-                    args.budget, args.json)
+                    args.budget, args.json, args.block_impl, modes)
 
 
 def bench(settings: Settings, label: str, make: Callable[[], Callable[[], None]], batch: int
@@ -280,8 +294,8 @@ def bench(settings: Settings, label: str, make: Callable[[], Callable[[], None]]
 def measure_mode(settings: Settings, case: Any, mode: str) -> dict[str, Any]:
     """Ours and every installed peer on one case in one mode, with the ratio to the fastest peer."""
     train = mode == "train"
-    figs: dict[str, Any] = {"ours": bench(settings, f"{mode} ours",
-                                          lambda: (ours_train if train else ours_infer)(case), case.batch)}
+    make_ours = (lambda: ours_train(case)) if train else (lambda: ours_infer(case, settings.block_impl))
+    figs: dict[str, Any] = {"ours": bench(settings, f"{mode} ours", make_ours, case.batch)}
     if settings.peers.get("keras"):
         figs["keras_jax"] = bench(settings, f"{mode} keras/jax",
                                   lambda: (keras_train if train else keras_infer)(case), case.batch)
@@ -325,14 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                     "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", "")},
-        "repeats": settings.repeats, "warmup": settings.warmup, "cases": {}}
+        "repeats": settings.repeats, "warmup": settings.warmup, "block_impl": settings.block_impl, "cases": {}}
     print(f"JAX {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; images/s, median "
           f"(slowest-fastest step) of {settings.repeats} after {settings.warmup} warm-up; load = 1-min load average")
     for name in settings.names:
         case = CASES[name]
         print(case.label(), flush=True)
         entry: dict[str, Any] = {"case": dataclasses.asdict(case)}
-        for mode in ["train"] + (["inference"] if case.inference else []):
+        for mode in [m for m in settings.modes if m == "train" or case.inference]:
             entry[mode] = measure_mode(settings, case, mode)
         results["cases"][name] = entry
     print_table(results["cases"])

@@ -3,7 +3,8 @@
 Each subcommand hands its arguments to the ``main(argv)`` of the module that implements it, so
 ``manifold-lab train ...`` and ``python -m manifold_lab.train ...`` are the same program with the
 same flags (``manifold-lab SUBCOMMAND --help`` lists them). Errors are one line on stderr with exit
-code 2; Ctrl-C exits 130; a closed output pipe ends quietly (:func:`manifold_lab.cli.run_main`).
+code 2; Ctrl-C exits 130 and SIGTERM 143 (a training step in flight finishes and is checkpointed
+first); a closed output pipe ends quietly (:func:`manifold_lab.cli.run_main`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         allocator=True),
     "measure": Subcommand("ablations.measure", "measure a finished sweep: spiral, Fig. 7, costs, latency"),
     "figures": Subcommand("ablations.figures", "render a sweep's figures, tables.md and REPORT.md"),
+    "audit": Subcommand("ablations.audit", "Appendix A inside one trained network: rank, decoders, clipping"),
     "costs": Subcommand("manifold_lab.costs.__main__", "parameters, multiply-adds and the paper's cost tables"),
 }
 

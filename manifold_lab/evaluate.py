@@ -24,9 +24,9 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main
+from manifold_lab.cli import ArgumentParser, UsageError, command_name, positive_int, run_main
 
-PROG = "manifold-lab evaluate"
+PROG = command_name("evaluate", "manifold_lab.evaluate")
 WEIGHTS = ("raw", "ema")
 EVAL_BN = ("precise", "running")
 TOP_K = 5

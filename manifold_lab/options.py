@@ -2,8 +2,9 @@
 its choices and its command-line flag.
 
 A config dataclass declares each field with :func:`option`; :func:`check_fields` validates the
-choices, and :func:`add_arguments` turns the fields into argparse options (grouped, with the
-default shown once, from the field). Pure Python: cost models and report rendering import it without
+choices and the bounds of numbers (:class:`~manifold_lab.cli.Bounds`), and :func:`add_arguments`
+turns the fields into argparse options (grouped, with the default shown once, from the field; a
+bounded number is checked by its flag too, before any work). Pure Python: cost models and report rendering import it without
 JAX.
 """
 
@@ -14,30 +15,42 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from manifold_lab.cli import Bounds
+
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None,
            group: str = "model", kind: Callable[[str], Any] | None = None, metavar: str | None = None,
-           default_text: str | None = None) -> Any:
+           default_text: str | None = None, bounds: Bounds | None = None) -> Any:
     """A dataclass field with its command-line description.
 
     ``flag``: the option (default ``--`` + the field name with dashes); ``group``: the help section;
-    ``kind``: the argparse type (default: from the default's type); ``default_text``: how the help
-    states the default when it is not a plain value (e.g. ``None`` meaning "by dataset")."""
+    ``kind``: the argparse type (default: the ``bounds``, else from the default's type);
+    ``default_text``: how the help states the default when it is not a plain value (e.g. ``None``
+    meaning "by dataset"); ``bounds``: the interval a numeric value must lie in."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "flag": flag, "group": group, "kind": kind,
-        "metavar": metavar, "default_text": default_text})
+        "help": help, "choices": choices, "flag": flag, "group": group, "kind": kind or bounds,
+        "metavar": metavar, "default_text": default_text, "bounds": bounds})
 
 
 def check_fields(instance: Any, error: type[Exception] = ValueError) -> None:
-    """Raise ``error`` for a field whose value is not among its declared choices (``None`` is
-    accepted where it is the field's default)."""
+    """Raise ``error`` for a field whose value is not among its declared choices or outside its
+    declared bounds (``None`` is accepted where it is the field's default)."""
     for field in dataclasses.fields(instance):
-        choices = field.metadata.get("choices")
+        choices, bounds = field.metadata.get("choices"), field.metadata.get("bounds")
         value = getattr(instance, field.name)
-        if choices is None or (value is None and field.default is None):
+        if value is None and field.default is None:
             continue
-        if value not in choices:
+        if choices is not None and value not in choices:
             raise error(f"{field.name} must be one of {', '.join(choices)}; got {value!r}")
+        problem = None if bounds is None else bounds.problem(value)
+        if problem is not None:
+            raise error(f"{field.name} {problem}")
+
+
+def field_bounds(cls: type, name: str) -> Bounds:
+    """The bounds declared on field ``name`` of the dataclass ``cls`` (for another command's flag
+    of the same quantity)."""
+    return cls.__dataclass_fields__[name].metadata["bounds"]
 
 
 def flag_of(field: dataclasses.Field) -> str:

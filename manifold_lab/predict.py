@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main
+from manifold_lab.cli import ArgumentParser, UsageError, command_name, positive_int, run_main
 
-PROG = "manifold-lab predict"
+PROG = command_name("predict", "manifold_lab.predict")
 #: The ratio of the resized shorter side to the crop for ``imagefolder`` runs (their evaluation).
 CENTRE_CROP_RATIO = 256 / 224
 

@@ -21,6 +21,7 @@ from ablations.plan import (CORRUPT, DONE, PARTIAL, build_plan, parse_shard, pre
                             run_status, shard)
 from ablations.studies import ALL_STUDIES, STUDIES, get_preset
 from manifold_lab.cli import UsageError, run_main
+from manifold_lab.train.run_dir import RunDir
 
 # ------------------------------------------------------------------------------------------ stats
 
@@ -173,7 +174,7 @@ class FakeTrainer:
 
     def train(self, cfg, run_dir, resume=False, **_):
         run_dir = Path(run_dir)
-        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not resume and RunDir(run_dir).holds_run():  # as the engine decides (the sweep's lock file is no run)
             raise UsageError(f"{run_dir} already holds a run")
         self.calls.append(("train", (cfg.seed,), resume))
         return _write_fake_run(cfg, run_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import manifold_lab
-from manifold_lab.cli import run_main
+from manifold_lab.cli import command_name, run_main
 from manifold_lab.command import SUBCOMMANDS, entry, help_text, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +27,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 def test_help_lists_every_subcommand_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["--help"], capsys)
     assert code == 0 and out.strip() == help_text()
-    assert list(SUBCOMMANDS) == ["spiral", "train", "evaluate", "predict", "sweep", "measure", "figures", "costs"]
+    assert list(SUBCOMMANDS) == ["spiral", "train", "evaluate", "predict", "sweep", "measure", "figures", "audit",
+                                 "costs"]
     for name, sub in SUBCOMMANDS.items():
         assert f"  {name:<8}  {sub.summary}" in out.splitlines()
 
@@ -67,6 +70,31 @@ def test_subcommand_errors_name_the_subcommand(tmp_path: Path, capsys: pytest.Ca
     assert exc.value.code == 0 and "--eval-bn" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_subcommand_has_grouped_help_with_its_defaults(name: str) -> None:
+    """Options sit in named groups, and every option with a default states it in its help."""
+    parser = importlib.import_module(SUBCOMMANDS[name].module).build_parser()
+    groups = [g for g in parser._action_groups
+              if g._group_actions and g.title not in ("options", "positional arguments")]
+    assert groups, f"{name}: no option groups"
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help is argparse.SUPPRESS or action.dest == "help":
+            continue
+        assert action.help, f"{name} {action.option_strings[0]}: no help"
+        if action.nargs != 0 and action.default not in (None, False, [], argparse.SUPPRESS):
+            assert "default" in formatter._expand_help(action), f"{name} {action.option_strings[0]}"
+
+
+def test_usage_lines_name_the_command_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/manifold-lab", "sweep"])
+    assert command_name("sweep", "ablations.run") == "manifold-lab sweep"
+    monkeypatch.setattr(sys, "argv", [str(REPO / "manifold_lab" / "__main__.py"), "sweep"])
+    assert command_name("sweep", "ablations.run") == "manifold-lab sweep"
+    monkeypatch.setattr(sys, "argv", [str(REPO / "ablations" / "run.py")])
+    assert command_name("sweep", "ablations.run") == "python -m ablations.run"
+
+
 def test_console_script_and_python_dash_m(tmp_path: Path) -> None:
     """``python -m manifold_lab`` (the console script's ``entry``): version, and a closed pipe."""
     version = subprocess.run([sys.executable, "-m", "manifold_lab", "--version"], capture_output=True,
@@ -76,6 +104,8 @@ def test_console_script_and_python_dash_m(tmp_path: Path) -> None:
     if script.exists():  # installed with pip install -e .
         out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip() == help_text()
+        out = subprocess.run([str(script), "figures", "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.startswith("usage: manifold-lab figures [-h]")
     piped = subprocess.run(f"{sys.executable} -m manifold_lab costs --table slim | head -1", shell=True,
                            capture_output=True, text=True, cwd=REPO)
     assert piped.stderr == "" and len(piped.stdout.splitlines()) == 1

@@ -215,3 +215,15 @@ def test_cli_bad_flags_exit_2(argv, capsys):
     code, out, err = _cli(argv, capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("costs: error:")
+
+
+def test_bounds_table_is_table_3_at_any_batch_and_width(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--table bounds``: Table 3's 400K (112 x 112 x 16 at 2 bytes) per image, scaled by the batch
+    and the bytes per value; the pair bound adds the block's input (224 x 224 x 3)."""
+    assert main(["--table", "bounds", "--bytes-per-value", "2", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["largest_bytes"] == 112 * 112 * 16 * 2 == 401_408 and one["largest_tensor"] == "block00/output"
+    assert one["pair_bytes"] == (224 * 224 * 3 + 112 * 112 * 16) * 2
+    assert main(["--table", "bounds", "--batch", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["largest_bytes"] == 401_408 * 2 * 32
+    assert run_main(main, ["--table", "bounds", "--model", "mobilenet_v1"]) == 2

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from manifold_lab.cli import UsageError
-from manifold_lab.train.config import RENAMED_FIELDS, TrainConfig
-from manifold_lab.train.run_dir import (CORRUPT, DONE, MISSING, PARTIAL, RunDir, config_digest)
+from manifold_lab.train.config import ADDED_FIELDS, RENAMED_FIELDS, TrainConfig
+from manifold_lab.train.run_dir import CORRUPT, DONE, LOCK_FILE, MISSING, PARTIAL, RunDir, config_digest
 
 CFG = TrainConfig(dataset="digits", width=0.35, layout="bneck1", bn_decay=0.99, steps=4).resolved()
 
@@ -69,6 +69,8 @@ def test_a_sweep_adopts_a_run_saved_under_an_earlier_id(tmp_path: Path) -> None:
     expected = run.expected_config()
     old_name = run.run_id.replace(run.group_id.rsplit("-", 1)[1], "0123456789")
     _finished_run(tmp_path / old_name, _legacy(expected))
+    (tmp_path / run.run_id).mkdir()
+    (tmp_path / run.run_id / LOCK_FILE).write_text('{"host": "gone", "pid": 1}\n')  # left by a killed process
     assert run_status(tmp_path / run.run_id, expected)[0] == MISSING
     messages: list[str] = []
     assert adopt_earlier_ids(tmp_path, [run], messages.append) == [old_name]
@@ -83,3 +85,21 @@ def test_reading_runs_does_not_import_jax(tmp_path: Path) -> None:
             f"run = RunDir({str(tmp_path / 'run')!r})\n"
             "assert run.status()[0] == 'done' and run.train_config().layout == 'bneck1'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_fields_added_later_keep_the_ids_and_status_of_runs_saved_before(tmp_path: Path) -> None:
+    """A run recorded before a field existed is the same run as one at that field's default, and a
+    different run from one that sets it otherwise."""
+    from ablations.plan import build_plan, group_id, run_status
+    from ablations.studies import get_preset
+
+    run = build_plan("fig6a", get_preset("smoke"))[0]
+    expected = run.expected_config()
+    before = {k: v for k, v in expected.items() if k not in ADDED_FIELDS}
+    assert set(ADDED_FIELDS) <= set(expected) and group_id(before) == group_id(expected)
+    _finished_run(tmp_path / "old", before)
+    assert run_status(tmp_path / "old", expected) == (DONE, "complete")
+    assert config_digest(before) == config_digest(expected)
+    changed = {**expected, "block_impl": "plain", "max_bad_images": 0}
+    assert group_id(changed) != group_id(expected)
+    assert run_status(tmp_path / "old", changed) == (CORRUPT, "config mismatch: block_impl, max_bad_images")

@@ -14,7 +14,8 @@ import pytest
 
 import ablations
 from ablations.plan import build_plan
-from ablations.run import main as run_cli, preset_args, sweep_preset
+from ablations.cli import sweep_preset
+from ablations.run import main as run_cli, preset_args
 from ablations.studies import apply_overrides, get_preset, load_preset_file, preset_to_dict
 from manifold_lab.cli import UsageError, run_main
 
@@ -154,3 +155,21 @@ def test_run_sweep_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert again.trained == 0 and again.status == result.status
     with pytest.raises(UsageError, match="--set bogus"):
         ablations.run_sweep("fig6a", "smoke", tmp_path, overrides={"bogus": 1})
+
+
+@pytest.mark.parametrize("module", ["ablations.figures", "ablations.measure"])
+def test_measure_and_figures_take_the_sweeps_preset_options(tmp_path: Path, module: str) -> None:
+    """``--set`` and ``--preset-file`` give measure and figures the sweep's own preset (and so its
+    run ids); without a preset they take the only one under --results."""
+    import importlib
+    from ablations.cli import preset_from_args
+    parser = importlib.import_module(module).build_parser()
+    (tmp_path / "smoke").mkdir()
+    args = parser.parse_args(["--results", str(tmp_path), "--set", "steps=4", "--set", "seeds=2"])
+    preset = preset_from_args(args, tmp_path)
+    assert preset_to_dict(preset) == preset_to_dict(sweep_preset("smoke", ["steps=4", "seeds=2"]))
+    assert _ids("fig6a", preset) != _ids("fig6a", SMOKE)
+    path = preset_args(preset, tmp_path)[1]
+    args = parser.parse_args(["--results", str(tmp_path), "--preset-file", path])
+    assert preset_to_dict(preset_from_args(args, tmp_path)) == preset_to_dict(preset)
+    assert preset_from_args(parser.parse_args(["--results", str(tmp_path)]), tmp_path) == SMOKE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 import sys
@@ -296,7 +297,7 @@ class _Terminal(io.StringIO):
 def test_console_shows_elapsed_rate_and_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     record = {"step": 5, "epoch": 0.05, "loss": 1.0, "train_accuracy": 0.5, "learning_rate": 0.01,
               "images_per_second": 100.0, "elapsed_s": 75.0}
-    clock = iter([100.0, 102.0, 100.0, 104.0])
+    clock = iter([100.0, 102.0, 100.0, 104.0, 106.0])
     monkeypatch.setattr(records.time, "perf_counter", lambda: next(clock))
     plain = io.StringIO()
     progress = records.Progress(10, stream=plain)
@@ -306,11 +307,16 @@ def test_console_shows_elapsed_rate_and_time_left(monkeypatch: pytest.MonkeyPatc
     assert lines[0].endswith("elapsed 1:15 eta ?") and lines[1].endswith("elapsed 1:15 eta 0:10")
     assert "step 5/10" in lines[1]
     tty = _Terminal()
-    progress = records.Progress(10, stream=tty)
+    progress = records.Progress(10, stream=tty, label="[seed 3]")
     progress.update({**record, "step": 3})
-    progress.update(record)                 # two steps in 4 s
-    text = tty.getvalue().split("\r")[-1]
-    assert text.startswith("[###############...............] 1:15 0.50 step/s 0:10 left | step 5/10")
+    progress.update(record)                 # two steps in 4 s: a rich bar, redrawn in place
+    progress.update({**record, "step": 6, "test_accuracy": 0.75, "test_loss": 0.5})
+    progress.close()
+    frames = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frame) for frame in tty.getvalue().split("\r")]
+    assert any(f.startswith("[seed 3] ") and "5/10 1:15 0.50 step/s 0:10 left loss 1.0000" in f
+               for f in frames)
+    assert any("[seed 3] step 6/10" in f and "test_acc 0.7500" in f for f in frames)  # kept on screen
+    assert tty.getvalue().endswith("\x1b[?25h")  # closed: the cursor is shown again
     assert records.clock(3725) == "1:02:05" and records.clock(59.6) == "1:00"
 
 

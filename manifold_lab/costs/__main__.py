@@ -1,4 +1,4 @@
-"""``python -m manifold_lab.costs``: parameters and multiply-adds per layer, and the paper's tables.
+"""Parameters and multiply-adds per layer, and the paper's tables.
 
 Examples::
 
@@ -12,45 +12,52 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 
-from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main
+from manifold_lab.cli import ArgumentParser, Bounds, UsageError, command_name, run_main
 from manifold_lab.costs.analytic import ModelCosts, model_costs
 from manifold_lab.costs.model_count import abstract_param_count
+from manifold_lab.costs.memory_bounds import memory_bounds
 from manifold_lab.costs.tables import memory_table, slim_table, table2_rows
 from manifold_lab.models import MODELS, MobileNetV2Config, model_config
-from manifold_lab.models.config import LAYOUTS
+from manifold_lab.models.config import LAYOUTS, NetworkOptions
+from manifold_lab.options import field_bounds
+from manifold_lab.train.config import BATCH, IMAGE_SIZE
 
-TABLES = ("slim", "memory", "table2")
+PROG = command_name("costs", "manifold_lab.costs")
+
+TABLES = ("slim", "memory", "table2", "bounds")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+#: Bounds of the network flags: width and image size as training takes them, and as many classes
+#: and input channels as a network's shapes can sensibly hold.
+WIDTH = field_bounds(NetworkOptions, "width")
+CLASSES = Bounds(1, 1_000_000, integral=True)
+IN_CHANNELS = Bounds(1, 4096, integral=True)
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m manifold_lab.costs", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=tuple(MODELS), default="mobilenet_v2")
-    parser.add_argument("--width", type=positive_float, default=1.0, help="width multiplier")
-    parser.add_argument("--image-size", "--resolution", dest="resolution", type=positive_int, default=224,
-                        metavar="PIXELS", help="input size in pixels (default 224; --resolution is an alias)")
-    parser.add_argument("--classes", type=positive_int, default=1000, help="number of classes")
-    parser.add_argument("--in-channels", type=positive_int, default=3, help="input channels")
-    parser.add_argument("--layout", choices=LAYOUTS, default="imagenet", help="stride layout (default imagenet)")
-    parser.add_argument("--table", choices=TABLES, default=None,
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    network = parser.add_argument_group("network")
+    network.add_argument("--model", choices=tuple(MODELS), default="mobilenet_v2", help="the architecture")
+    network.add_argument("--width", type=WIDTH, default=1.0, help="width multiplier")
+    network.add_argument("--image-size", "--resolution", dest="resolution", type=IMAGE_SIZE, default=224,
+                        metavar="PIXELS", help="input size in pixels (--resolution is an alias)")
+    network.add_argument("--classes", type=CLASSES, default=1000, help="number of classes")
+    network.add_argument("--in-channels", type=IN_CHANNELS, default=3, help="input channels")
+    network.add_argument("--layout", choices=LAYOUTS, default="imagenet", help="stride layout")
+    output = parser.add_argument_group("output")
+    output.add_argument("--table", choices=TABLES, default=None,
                         help="print one of the paper's tables instead of the per-layer costs "
                              "(slim and memory are fixed paper tables; memory and table2 use "
-                             "--width/--image-size)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+                             "--width/--image-size; bounds: Section 5's memory bounds at --batch)")
+    output.add_argument("--batch", type=BATCH, default=1, help="--table bounds: images per batch")
+    output.add_argument("--bytes-per-value", type=int, choices=(2, 4), default=4,
+                        help="--table bounds: bytes per activation (Table 3 counts 2; float32 is 4)")
+    output.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -131,6 +138,25 @@ def format_table2(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def print_bounds(config: object, args: argparse.Namespace) -> None:
+    """``--table bounds``: Section 5's lower bounds on inference activation memory (the largest
+    materialised tensor, Table 3's figure, and the largest block input + output pair) for
+    ``--batch`` images at ``--bytes-per-value``; what ``benchmarks/fused_block.py --memory``
+    measures the plain and fused forward passes against."""
+    if not isinstance(config, MobileNetV2Config):
+        raise UsageError("--table bounds describes mobilenet_v2 only")
+    b = memory_bounds(config, args.resolution, args.batch, args.bytes_per_value)
+    if args.json:
+        print(json.dumps({"table": "bounds", "resolution": args.resolution, "batch": args.batch,
+                          "bytes_per_value": args.bytes_per_value, **dataclasses.asdict(b)}, indent=1))
+        return
+    mib = 1 << 20
+    print(f"Section 5 inference memory bounds, {args.resolution} px, batch {args.batch}, "
+          f"{args.bytes_per_value}-byte activations")
+    print(f"  largest materialised tensor  {b.largest_bytes / mib:10.2f} MiB  ({b.largest_tensor})")
+    print(f"  largest block input+output   {b.pair_bytes / mib:10.2f} MiB  ({' + '.join(b.pair)})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = dict(width=args.width, num_classes=args.classes, in_channels=args.in_channels,
@@ -148,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = memory_table(resolution=args.resolution, width=args.width)
         print(json.dumps({"table": "memory", "unit": "1000 bytes", **table}, indent=1) if args.json
               else format_memory(table))
+        return 0
+    if args.table == "bounds":
+        print_bounds(config, args)
         return 0
     if args.table == "table2":
         if not isinstance(config, MobileNetV2Config):
@@ -173,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main, prog="python -m manifold_lab.costs"))
+    raise SystemExit(run_main(main, prog=PROG))

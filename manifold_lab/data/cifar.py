@@ -36,7 +36,7 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as fh:
             obj = pickle.load(fh, encoding="latin1")
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError) as exc:
+            ImportError, IndexError, KeyError, OverflowError, MemoryError, RecursionError) as exc:
         raise UsageError(f"corrupt CIFAR file {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
         raise UsageError(f"corrupt CIFAR file {path}: expected a dict, got {type(obj).__name__}")

@@ -13,6 +13,14 @@ Kinds (:data:`KINDS`):
 ``auto`` resolves to ``native`` on the CPU backend where the native kernels build (a C++ compiler
 is installed), else ``shift``; to ``xla`` on GPU/TPU.
 
+Blocks (``block_impl``, resolved into :attr:`KernelBackend.blocks`): in inference a MobileNetV2
+inverted-residual block runs layer by layer (``plain``) or, with the native kind, as one call of
+the fused block kernel (``fused``: :func:`manifold_lab.native.ops.fused_inference_block`, which
+never writes the expanded tensor out). ``auto`` fuses the blocks whose shape
+:func:`fused_block_is_faster` names, on the CPU where the kernel builds (AVX-512), and runs the
+others, and every block on GPU/TPU, plain. Training and ``capture`` always take the plain path, as
+do blocks whose shortcut reads the expanded tensor (``residual`` an expansion stream).
+
 Dense convolutions are the same in every kind except the native stem: 1x1 stride-1 as a matmul,
 few input channels (k * k * C_in <= ``IM2COL_MAX_DEPTH``) by im2col, others by XLA (see
 :mod:`manifold_lab.models.convolution`).
@@ -38,12 +46,12 @@ from manifold_lab import native
 from manifold_lab.models.activations import activation_spec
 from manifold_lab.models.batchnorm import (batch_norm_act, bn_stats, folded_batch_norm, input_map,
                                            update_running_stats)
-from manifold_lab.models.config import DEPTHWISE_IMPLS
+from manifold_lab.models.config import BLOCK_IMPLS, DEPTHWISE_IMPLS
 from manifold_lab.models.convolution import (IM2COL_MAX_DEPTH, im2col_conv, pointwise_conv, shift_depthwise,
                                              xla_conv)
 from manifold_lab.models.geometry import spatial_pads
-from manifold_lab.native.ops import (bn_act_depthwise_train, fused_inference_depthwise, native_conv,
-                                     native_depthwise)
+from manifold_lab.native.ops import (bn_act_depthwise_train, fused_inference_block, fused_inference_depthwise,
+                                     native_conv, native_depthwise)
 
 Array = jax.Array
 
@@ -69,10 +77,13 @@ class KernelBackend:
     kind can run here."""
 
     kind: str
+    blocks: str = "plain"  # a BLOCK_IMPLS choice; fused or auto with the native kind only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"backend kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.blocks not in BLOCK_IMPLS or (self.blocks != "plain" and self.kind != "native"):
+            raise ValueError(f"fused blocks need the native kind; got blocks={self.blocks!r} with {self.kind!r}")
 
     def native_for(self, x: Array) -> bool:
         """Whether ``x`` goes through the native kernels: the native kind and float32."""
@@ -127,6 +138,33 @@ class KernelBackend:
             y = self.depthwise(x, kernel, stride=stride, padding=padding)
         return self.bn_act(bn, y, train, act)
 
+    def fuses_block(self, x: Array | DeferredBN) -> bool:
+        """Whether an inverted-residual block with input ``x`` (inference) runs as one fused kernel
+        call: :attr:`blocks` ``fused``, or ``auto`` and :func:`fused_block_is_faster` at this shape;
+        float32 only."""
+        source = x.raw if isinstance(x, DeferredBN) else x
+        if self.blocks == "plain" or not self.native_for(source):
+            return False
+        return self.blocks == "fused" or fused_block_is_faster(source.shape[2])
+
+    def inverted_residual(self, x: Array | DeferredBN, expansion: nnx.Module | None, depthwise: nnx.Module,
+                          projection: nnx.Module, shortcut: str | None) -> Array:
+        """Inference of a whole block in one fused kernel call (see :meth:`fuses_block`): the
+        layers are the block's ``ConvBN`` / ``DepthwiseBN`` modules (``expansion`` None for t = 1,
+        whose input may be the stem's deferred output); ``shortcut`` None, ``"bottleneck"`` or
+        ``"inner"``."""
+        deferred = isinstance(x, DeferredBN)
+        source = x.raw if deferred else x
+        if expansion is not None:
+            expand = dict(expand_kernel=expansion.kernel[...], expand_bn=expansion.bn, expand_act=expansion.act)
+        else:
+            expand = dict(expand_kernel=None, expand_bn=x.bn if deferred else None,
+                          expand_act=x.act if deferred else "linear")
+        return fused_inference_block(source, **expand, dw_kernel=depthwise.kernel[...], dw_bn=depthwise.bn,
+                                     dw_act=depthwise.act, project_kernel=projection.kernel[...],
+                                     project_bn=projection.bn, project_act=projection.act,
+                                     stride=depthwise.stride, padding=depthwise.padding, shortcut=shortcut)
+
     def observe(self, value: Array | DeferredBN, train: bool) -> Array:
         """The tensor ``value`` stands for, to record (``capture``) without touching the forward pass:
         an array as it is; a deferred one computed on the side as the depthwise kernel applies it
@@ -145,21 +183,60 @@ class KernelBackend:
         return jnp.minimum(jnp.maximum(raw * a + b, spec.lo), spec.hi)
 
 
-def backend_for(impl: str, platform: str | None = None) -> KernelBackend:
-    """The backend that ``depthwise_impl=impl`` means on ``platform`` (default: JAX's default
-    backend): ``auto`` -> ``native`` on CPU (``shift`` where the native kernels cannot be built),
-    ``xla`` elsewhere; the explicit kinds unchanged (``native`` raises off the CPU or where the
-    native kernels cannot be built)."""
+def _kind_for(impl: str, platform: str) -> str:
+    """The kind ``depthwise_impl=impl`` resolves to on ``platform`` (see :func:`backend_for`)."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise_impl must be auto, xla, shift or native; got {impl!r}")
-    platform = jax.default_backend() if platform is None else platform
     if impl == "auto":
         if platform != "cpu":
-            return KernelBackend("xla")
-        return KernelBackend("native" if native.available() else "shift")
+            return "xla"
+        return "native" if native.available() else "shift"
     if impl == "native":
         if platform != "cpu":
             raise ValueError("depthwise_impl='native' runs on the CPU backend only; use auto or xla")
         if not native.available():
             raise ValueError(f"depthwise_impl='native' is unavailable: {native.unavailable_reason()}")
-    return KernelBackend(impl)
+    return impl
+
+
+def _blocks_for(block_impl: str, kind: str) -> str:
+    """The blocks ``block_impl`` resolves to with ``kind``: ``auto`` stays ``auto`` where the fused
+    kernel loads (native kind), else ``plain``; ``fused`` raises where it cannot run."""
+    if block_impl not in BLOCK_IMPLS:
+        raise ValueError(f"block_impl must be auto, plain or fused; got {block_impl!r}")
+    if block_impl == "plain":
+        return "plain"
+    if kind != "native":
+        if block_impl == "fused":
+            raise ValueError(f"block_impl='fused' needs the native kernels (depthwise_impl auto or native "
+                             f"on the CPU); got the {kind} kind")
+        return "plain"
+    if native.load("fused_block") is None:
+        if block_impl == "fused":
+            raise ValueError(f"block_impl='fused' is unavailable: {native.reason('fused_block')}")
+        return "plain"
+    return block_impl
+
+
+def backend_for(impl: str, platform: str | None = None, block_impl: str = "auto") -> KernelBackend:
+    """The backend that ``depthwise_impl=impl`` and ``block_impl`` mean on ``platform`` (default:
+    JAX's default backend): ``auto`` -> ``native`` on CPU (``shift`` where the native kernels
+    cannot be built), ``xla`` elsewhere; the explicit kinds unchanged (``native`` raises off the
+    CPU or where the native kernels cannot be built). Blocks: see the module docstring
+    (``fused`` raises where the fused kernel cannot run)."""
+    platform = jax.default_backend() if platform is None else platform
+    kind = _kind_for(impl, platform)
+    return KernelBackend(kind, _blocks_for(block_impl, kind))
+
+
+#: The fused kernel expands one input row at a time, so a row must be this wide for its matrix
+#: products to reuse the weights: benchmarks/fused_block.py (2 shared cores) measured 1x1 inputs
+#: (32 px, batch 128, E = 960) at 0.8x the plain layers, 2x2 inputs at 1.1-1.9x, and every block
+#: shape of the 224 px network at 1.1-2.9x at batch 1 and 1.1-2.2x at batch 32.
+FUSED_MIN_WIDTH = 2
+
+
+def fused_block_is_faster(w: int) -> bool:
+    """Whether the fused block kernel beats the plain layers for a block whose input rows are ``w``
+    pixels wide (see :data:`FUSED_MIN_WIDTH`; no other measured effect of the shape)."""
+    return w >= FUSED_MIN_WIDTH

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from manifold_lab.cli import Bounds
 from manifold_lab.options import check_fields, option
 
 BOTTLENECK_ACTIVATIONS: tuple[str, ...] = ("linear", "relu6", "relu")
@@ -18,6 +19,9 @@ RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "expansion_pr
 #: (:meth:`MobileNetV2Config.expansion_shortcuts`).
 EXPANSION_STREAMS: tuple[str, ...] = ("expansion", "expansion_preact")
 DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift", "native")
+#: Inverted-residual blocks in inference: layer by layer (``plain``), one native kernel per block
+#: (``fused``), or fused where it is faster (``auto``); see :mod:`manifold_lab.models.backend`.
+BLOCK_IMPLS: tuple[str, ...] = ("auto", "plain", "fused")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 #: Stride layouts, as (stem stride, stride of the first stride-2 stage): ``imagenet`` (Table 2),
@@ -35,7 +39,7 @@ class NetworkOptions:
     defaults, choices and help are written. The model configs below extend it with what the data
     decides (classes, input channels) and the architecture tables; the training config holds it."""
 
-    width: float = option(1.0, "width multiplier")
+    width: float = option(1.0, "width multiplier", bounds=Bounds(0.0, 16.0, open_low=True))
     layout: str = option("imagenet", "stride layout: imagenet (Table 2, 224 px), small (28-32 px: stem "
                          "and first stride-2 stage at 1), stem1 (stem at 1) or bneck1 (first stride-2 "
                          "stage at 1)", choices=LAYOUTS)
@@ -44,6 +48,9 @@ class NetworkOptions:
     residual: str = option("bottleneck", "shortcut placement (MobileNetV2)", choices=RESIDUAL_PLACEMENTS)
     depthwise_impl: str = option("auto", "depthwise kernels: auto (native on CPU), xla, shift, native",
                                  choices=DEPTHWISE_IMPLS)
+    block_impl: str = option("auto", "MobileNetV2 blocks in inference: auto (fused where faster on CPU), "
+                             "plain (layer by layer) or fused (one native kernel per block)",
+                             choices=BLOCK_IMPLS)
     padding: str = option("same", "convolution padding convention", choices=PADDINGS)
     dropout_rate: float = option(0.2, "drop probability before the classifier", flag="--dropout")
     bn_decay: float = option(0.997, "BatchNorm running-average decay (TF-Slim; zero-debiased in training)")
@@ -52,8 +59,6 @@ class NetworkOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not 0.0 <= self.bn_decay < 1.0:

@@ -96,7 +96,14 @@ tensors of the very forward pass that computes the logits: where the kernel back
 BatchNorm and activation into the next depthwise kernel (so that e_i, or the stem output, is
 never written out), the recorded tensor is computed on the side (see
 :meth:`~manifold_lab.models.backend.KernelBackend.observe`), and the logits are the same with and
-without ``capture``.
+without ``capture`` under ``block_impl="plain"``.
+
+Fused blocks (``block_impl``, :mod:`manifold_lab.models.backend`): in inference without
+``capture``, the native backend may compute a whole block (expansion, depthwise, projection,
+BatchNorms, activations, the bottleneck or inner shortcut) in one kernel call that keeps e_i in
+cache-sized tiles; ``capture`` needs e_i and d_i, so it runs every block layer by layer, and its
+logits then equal the fused ones up to float32 rounding (the kernel applies each BatchNorm as a
+per-channel scale and bias, and sums in another order).
 """
 
 from __future__ import annotations
@@ -121,7 +128,8 @@ class InvertedResidual(nnx.Module):
 
     def __init__(self, spec: BlockSpec, config: MobileNetV2Config, *, expansion_shortcut: bool,
                  rngs: nnx.Rngs, backend: KernelBackend | None = None) -> None:
-        backend = backend if backend is not None else backend_for(config.depthwise_impl)
+        backend = backend if backend is not None else backend_for(config.depthwise_impl,
+                                                                  block_impl=config.block_impl)
         common = dict(bn_epsilon=config.bn_epsilon, bn_decay=config.bn_decay,
                       dtype=jnp.dtype(config.compute_dtype), backend=backend, rngs=rngs)
         self.backend = backend
@@ -148,6 +156,17 @@ class InvertedResidual(nnx.Module):
         return (self.expansion is None and not self.bottleneck_shortcut and not self.expansion_shortcut
                 and not self.keep_expanded)
 
+    def fused(self, x: Array | DeferredBN, train: bool, capture: bool) -> Array | None:
+        """The block output by the fused block kernel where the backend fuses this block
+        (:meth:`~manifold_lab.models.backend.KernelBackend.fuses_block`: inference without
+        ``capture``, and no expansion stream, whose shortcut reads e_i); None otherwise."""
+        if train or capture or self.passes_stream:
+            return None
+        if not self.backend.fuses_block(x):
+            return None
+        shortcut = "bottleneck" if self.bottleneck_shortcut else ("inner" if self.inner_shortcut else None)
+        return self.backend.inverted_residual(x, self.expansion, self.depthwise, self.projection, shortcut)
+
     def expand(self, x: Array | DeferredBN, prev_stream: Array | None, train: bool
                ) -> tuple[Array | DeferredBN, Array | None]:
         """(e_i, the stream tensor passed on to block i+1) from the block input x_i and block
@@ -173,7 +192,11 @@ class InvertedResidual(nnx.Module):
         """Returns (block output x_{i+1}, stream tensor): the stream tensor is e_i, or z_i under
         ``residual="expansion_preact"``; ``prev_stream`` is block i-1's. ``x`` may be the stem's
         deferred output where :attr:`input_feeds_depthwise_only`. With ``acts``, the block's
-        intermediates are recorded into it."""
+        intermediates are recorded into it. In inference without ``acts`` the backend may run the
+        whole block as one fused kernel call (:meth:`fused`)."""
+        fused = self.fused(x, train, acts is not None)
+        if fused is not None:
+            return fused, None
         e, stream = self.expand(x, prev_stream, train)  # 1x1 expansion + BN + ReLU6 [+ stream]
         d = self.depthwise(e, train)  # 3x3 depthwise + BN + ReLU6
         if self.inner_shortcut:
@@ -196,7 +219,7 @@ class MobileNetV2(nnx.Module):
 
     def __init__(self, config: MobileNetV2Config, *, rngs: nnx.Rngs) -> None:
         self.config = config
-        self.backend = backend_for(config.depthwise_impl)
+        self.backend = backend_for(config.depthwise_impl, block_impl=config.block_impl)
         common = dict(bn_epsilon=config.bn_epsilon, bn_decay=config.bn_decay,
                       dtype=jnp.dtype(config.compute_dtype), backend=self.backend, rngs=rngs)
         self.stem = ConvBN(config.in_channels, config.stem_out, kernel_size=3, stride=config.stem_stride,

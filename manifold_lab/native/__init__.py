@@ -1,7 +1,8 @@
 """Native XLA:CPU kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
 
 Each ``.cc`` file beside this module is one library (``depthwise``: the depthwise convolution;
-``batchnorm``: BatchNorm's training reductions; ``conv``: the stem's convolution); their FFI
+``batchnorm``: BatchNorm's training reductions; ``conv``: the stem's convolution; ``fused_block``:
+a whole inverted-residual block in inference, expansion to projection); their FFI
 bindings are :mod:`manifold_lab.native.ffi`, their differentiable operations
 :mod:`manifold_lab.native.ops`. Each library is compiled with the shared ``.h`` headers by the
 system C++ compiler (``$CXX``, else ``c++``/``g++``, C++20, ``-O3 -march=native``) against the
@@ -13,9 +14,11 @@ place, so processes that build at the same time (the sweep's workers, pytest-xdi
 half-written file.
 
 Where no compiler is found or the build fails, :func:`load` returns None and says why once
-(``reason()``). The native kernels are used as one set: :func:`available` (all libraries load) is
-the one test, which :func:`manifold_lab.models.backend.backend_for` applies when it resolves a
-network's ``depthwise_impl``; without them the network takes its pure-JAX forms.
+(``reason()``). The native kernels are used as one set: :func:`available` (all libraries of the
+set load) is the one test, which :func:`manifold_lab.models.backend.backend_for` applies when it
+resolves a network's ``depthwise_impl``; without them the network takes its pure-JAX forms. The
+libraries of :data:`OPTIONAL` are outside that set (``fused_block`` needs AVX-512): the backend
+loads them where it would use them and takes the unfused path where they do not load.
 ``MANIFOLD_LAB_NATIVE=0`` turns the native kernels off.
 """
 
@@ -48,7 +51,11 @@ TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
                   ("manifold_bn_grad_sums", "ManifoldBatchNormGradSums")),
     "conv": (("manifold_conv_fwd", "ManifoldConvForward"),
              ("manifold_conv_wgrad", "ManifoldConvWeightGrad")),
+    "fused_block": (("manifold_fused_block_fwd", "ManifoldFusedBlockForward"),),
 }
+
+#: Libraries that :func:`available` does not require (each is checked with :func:`load` where used).
+OPTIONAL: frozenset[str] = frozenset({"fused_block"})
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _reasons: dict[str, str] = {}
@@ -129,7 +136,8 @@ def load(name: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, AttributeError) as exc:
         _reasons[name] = str(exc)
         if os.environ.get(ENV_SWITCH, "1") != "0":
-            warnings.warn(f"native {name} kernels unavailable ({exc}); using the pure-JAX form",
+            fallback = "the unfused path" if name in OPTIONAL else "the pure-JAX form"
+            warnings.warn(f"native {name} kernels unavailable ({exc}); using {fallback}",
                           RuntimeWarning, stacklevel=2)
         lib = None
     _loaded[name] = lib
@@ -142,13 +150,14 @@ def reason(name: str) -> str | None:
 
 
 def available() -> bool:
-    """Whether every native library builds and loads here (see :func:`unavailable_reason`)."""
-    return all(load(name) is not None for name in TARGETS)
+    """Whether every native library but the :data:`OPTIONAL` ones builds and loads here (see
+    :func:`unavailable_reason`)."""
+    return all(load(name) is not None for name in TARGETS if name not in OPTIONAL)
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False: the first library that did not load, and its reason."""
     for name in TARGETS:
-        if load(name) is None:
+        if name not in OPTIONAL and load(name) is None:
             return reason(name)
     return None

@@ -107,3 +107,19 @@ def depthwise_backward_fused(x: Array, taps: Array, g: Array, in_scale: Array, i
     lo, hi = (np.float32(b) for b in in_bounds)
     call = _call("depthwise", "manifold_dw_bwd_fused", shapes)
     return tuple(call(x, taps, g, in_scale, in_bias, **conv_attrs(stride, pads), in_lo=lo, in_hi=hi))
+
+
+def fused_block_forward(x: Array, expand: tuple[Array, Array, Array], depthwise: tuple[Array, Array, Array],
+                        project: tuple[Array, Array, Array], bounds: tuple[tuple[float, float], ...], stride: int,
+                        pads: Pads, expand_mode: int, residual: int) -> Array:
+    """A whole inverted-residual block in inference (``fused_block.cc``): ``expand``,
+    ``depthwise`` and ``project`` are (weights, BatchNorm scale, BatchNorm bias) with the running
+    statistics (expanded width a multiple of 16), ``bounds`` the three clamps; ``expand_mode`` 0:
+    1x1 expansion, 1: the per-channel map alone (weights unused); ``residual`` 0: none, 1: block
+    input added, 2: expanded tensor added to the depthwise output."""
+    out = conv_output(x, 3, stride, pads, project[0].shape[-1])
+    clamps = {f"{name}_{side}": np.float32(value) for name, pair in zip("edp", bounds)
+              for side, value in zip(("lo", "hi"), pair)}
+    call = _call("fused_block", "manifold_fused_block_fwd", out)
+    return call(x, *expand, *depthwise, *project, **conv_attrs(stride, pads), expand_mode=np.int64(expand_mode),
+                residual=np.int64(residual), **clamps)

@@ -8,6 +8,9 @@
   activation folded into the depthwise kernels, so that their output is never written out.
 - :func:`fused_inference_depthwise`: inference, both BatchNorms (running statistics) and both
   activations around a depthwise convolution in one call.
+- :func:`fused_inference_block`: inference, a whole inverted-residual block (expansion, depthwise,
+  projection, their BatchNorms and activations, the shortcut) in one call that never writes the
+  expanded tensor out.
 
 Float32 NHWC only, XLA:CPU only; :mod:`manifold_lab.models.backend` decides when these run.
 """
@@ -116,3 +119,45 @@ def _bn_act_depthwise_bwd(epsilon, act, stride, pads, residuals, cotangents):
 
 
 bn_act_depthwise_train.defvjp(_bn_act_depthwise_fwd, _bn_act_depthwise_bwd)
+
+
+#: The shortcuts the fused block kernel adds: the block input to its output, or the expanded
+#: tensor to the depthwise output (stride 1)
+FUSED_SHORTCUTS: dict[str | None, int] = {None: 0, "bottleneck": 1, "inner": 2}
+
+
+def _pad_expanded(a: Array, axis: int, width: int) -> Array:
+    """``a`` with zeros appended on ``axis`` up to ``width`` (``a`` itself where it is that wide)."""
+    if a.shape[axis] == width:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, width - a.shape[axis])
+    return jnp.pad(a, pad)
+
+
+def fused_inference_block(x: Array, *, expand_kernel: Array | None, expand_bn: nnx.BatchNorm | None,
+                          expand_act: str, dw_kernel: Array, dw_bn: nnx.BatchNorm, dw_act: str,
+                          project_kernel: Array, project_bn: nnx.BatchNorm, project_act: str, stride: int,
+                          padding: str, shortcut: str | None) -> Array:
+    """Inference of an inverted-residual block in one native call, every BatchNorm under its running
+    statistics: ``project_act(project_bn(d @ W_p)) [+ x]`` with ``d = dw_act(dw_bn(depthwise(e)))
+    [+ e]`` and ``e = expand_act(expand_bn(x @ W_e))``; without ``expand_kernel`` (t = 1) ``e =
+    expand_act(expand_bn(x))``, the previous layer's deferred BatchNorm (or ``x`` itself without
+    ``expand_bn``). ``shortcut``: None, ``"bottleneck"`` (x added) or ``"inner"`` (e added to d).
+    The expanded tensor exists only in cache-sized tiles, and the weights are read as they are
+    (the BatchNorms are applied to the products, not folded into weight copies)."""
+    pads = spatial_pads(x.shape, dw_kernel.shape[0], stride, padding)
+    channels = dw_kernel.shape[-1]
+    width = -(-channels // 16) * 16  # the kernel's expanded width: a multiple of 16
+    if expand_bn is not None:
+        expand_map = folded_batch_norm(expand_bn)
+    else:
+        expand_map = (jnp.ones((channels,), jnp.float32), jnp.zeros((channels,), jnp.float32))
+    expand_weights = expand_kernel[0, 0] if expand_kernel is not None else expand_map[0][None]
+    expand = (_pad_expanded(expand_weights, 1, width), *(_pad_expanded(v, 0, width) for v in expand_map))
+    depthwise = (_pad_expanded(dw_kernel[:, :, 0, :], 2, width),
+                 *(_pad_expanded(v, 0, width) for v in folded_batch_norm(dw_bn)))
+    project = (_pad_expanded(project_kernel[0, 0], 0, width), *folded_batch_norm(project_bn))
+    bounds = tuple(_bounds(act) for act in (expand_act, dw_act, project_act))
+    return ffi.fused_block_forward(x, expand, depthwise, project, bounds, stride, pads,
+                                   int(expand_kernel is None), FUSED_SHORTCUTS[shortcut])

@@ -10,9 +10,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from manifold_lab.cli import ArgumentParser, UsageError, integer, run_main
+from manifold_lab.cli import ArgumentParser, UsageError, command_name, integer, run_main
 
-PROG = "python -m manifold_lab.spiral"
+PROG = command_name("spiral", "manifold_lab.spiral")
 
 
 def check_out_dir(path: str) -> Path:
@@ -42,20 +42,23 @@ def build_parser() -> ArgumentParser:
         "collapsed when fewer than d units of ReLU(T x) are active: the map loses rank on the point's "
         "d-dimensional neighbourhood (Theorem 1's quantity; a collapsed point of a 1-D curve may still "
         "keep its tangent). See --matrix for the negative control."))
-    p.add_argument("--dims", type=integer, nargs="+", default=list(DEFAULT_DIMS),
-                   help="expansion widths n (default: %(default)s)")
-    p.add_argument("--points", type=integer, default=2000, help="points on the manifold (default: %(default)s)")
-    p.add_argument("--trials", type=integer, default=1000,
-                   help="independent draws of T per n (default: %(default)s)")
-    p.add_argument("--seed", type=integer, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--out", default="figures", help="output directory (default: %(default)s/)")
-    p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
-    p.add_argument("--manifold", choices=MANIFOLDS, default="spiral")
-    p.add_argument("--matrix", choices=tuple(MATRIX_LAWS), default="gaussian",
-                   help="law of T: gaussian, i.i.d. N(0, 1) entries (sign-symmetric: Theorem 1 applies), "
-                        "or positive-mean, i.i.d. N(1, 1) entries (negative control: the sign symmetry "
-                        "Theorem 1 assumes is broken and the measurement departs from its formula); "
-                        "default: %(default)s")
+    experiment = p.add_argument_group("experiment")
+    experiment.add_argument("--dims", type=integer, nargs="+", default=list(DEFAULT_DIMS),
+                            help="expansion widths n")
+    experiment.add_argument("--points", type=integer, default=2000, help="points on the manifold")
+    experiment.add_argument("--trials", type=integer, default=1000, help="independent draws of T per n")
+    experiment.add_argument("--seed", type=integer, default=0, help="random seed")
+    experiment.add_argument("--activation", choices=ACTIVATIONS, default="relu",
+                            help="the non-linearity after T (linear: the control that loses nothing)")
+    experiment.add_argument("--manifold", choices=MANIFOLDS, default="spiral",
+                            help="the input manifold: spiral (a curve in the plane) or a surface in 3-D "
+                                 "(swiss_roll, s_curve)")
+    experiment.add_argument("--matrix", choices=tuple(MATRIX_LAWS), default="gaussian",
+                            help="law of T: gaussian, i.i.d. N(0, 1) entries (sign-symmetric: Theorem 1 "
+                                 "applies), or positive-mean, i.i.d. N(1, 1) entries (negative control: the "
+                                 "sign symmetry Theorem 1 assumes is broken and the measurement departs "
+                                 "from its formula)")
+    p.add_argument_group("output").add_argument("--out", default="figures", help="output directory")
     return p
 
 

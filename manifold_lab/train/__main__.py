@@ -1,4 +1,4 @@
-"""``python -m manifold_lab.train``: train MobileNetV2 (or V1) with the paper's recipe.
+"""Train MobileNetV2 (or V1) with the paper's recipe (``manifold-lab train``).
 
 Defaults are the paper's where it has one (RMSProp 0.9/0.9, lr 0.045 x 0.98 per epoch, weight decay
 4e-5, batch 96) and Fashion-MNIST otherwise. Examples::
@@ -9,9 +9,11 @@ Defaults are the paper's where it has one (RMSProp 0.9/0.9, lr 0.045 x 0.98 per 
     python -m manifold_lab.train --init-from runs/fmnist-0.35 --lr 0.01 --out runs/fmnist-0.35-ft
     python -m manifold_lab.train --dataset digits --seeds 3 --out runs/digits   # runs/digits/seed_<s>
 
-Exit codes: 0 done; 2 bad flags, missing or corrupt data, or a run directory that does not fit
-(one line on stderr); 3 training diverged (non-finite loss; the newest checkpoint is the last
-finite state); 130 interrupted by Ctrl-C (a checkpoint was saved first; ``--resume`` continues).
+Exit codes: 0 done; 2 bad flags, missing or corrupt data, a run directory that does not fit, or one
+that another process is training (its lock, ``RUN_DIR/.lock``, names that process's pid and host;
+one line on stderr); 3 training diverged (non-finite loss, weights or statistics; the newest
+checkpoint is the last finite state); 130 interrupted by Ctrl-C, 143 by SIGTERM (what schedulers and
+preemptible machines send): the current step ends, a checkpoint is saved and ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from manifold_lab.allocator import reexec_with_allocator
-from manifold_lab.cli import ArgumentParser, nonnegative_int, number, positive_int, run_main
+from manifold_lab.cli import ArgumentParser, command_name, nonnegative_int, number, positive_int, run_main
 from manifold_lab.options import add_arguments, argument_groups
 from manifold_lab.train import sharding
 from manifold_lab.train.checkpoint import DEFAULT_KEEP
-from manifold_lab.train.config import TrainConfig
+from manifold_lab.train.config import SEED_COUNT, TrainConfig
 from manifold_lab.train.loop import EXIT_DIVERGED, TrainingDiverged, parse_init_from, train
 from manifold_lab.train.multiseed import train_seeds
 from manifold_lab.train.run_dir import RunDir, read_json
 
-PROG = "python -m manifold_lab.train"
+PROG = command_name("train", "manifold_lab.train")
 
 #: Help sections, in the order ``--help`` shows them; every TrainConfig field names its own.
 GROUPS: dict[str, str] = {
@@ -57,7 +59,7 @@ def build_parser() -> ArgumentParser:
                   integer=positive_int)
     run, dist = groups["run"], groups["distributed"]
     run.add_argument("--config", type=Path, default=None, help="start from this config.json (flags override it)")
-    run.add_argument("--seeds", type=positive_int, default=None, metavar="K",
+    run.add_argument("--seeds", type=SEED_COUNT, default=None, metavar="K",
                      help="train seeds SEED..SEED+K-1 in one vmapped program, in OUT/seed_<s>")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
     run.add_argument("--resume", action="store_true", default=False,

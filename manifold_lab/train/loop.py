@@ -18,10 +18,14 @@ length is refused; ``--init-from`` starts a new run from the old one's weights i
 do not touch the numbers (:data:`RESUME_FREE_FIELDS`) may change on resume; any other difference is
 refused by flag name.
 
-Stops: a non-finite training loss (checked whenever the host syncs: every log line and before every
-checkpoint) raises :class:`TrainingDiverged` without saving, so the newest checkpoint stays the last
-finite state. Ctrl-C (SIGINT) is deferred to the end of the current step, a checkpoint is saved and
-``KeyboardInterrupt`` is re-raised.
+Stops: a non-finite training loss (checked whenever the host syncs: every log line) or a non-finite
+array anywhere in the state (weights, BatchNorm statistics, optimiser state, averages: checked before
+every checkpoint) raises :class:`TrainingDiverged` without saving, so the newest checkpoint stays the
+last finite state. Ctrl-C (SIGINT) and SIGTERM are deferred to the end of the current step, a checkpoint
+is saved and :class:`~manifold_lab.cli.Interrupted` (a ``KeyboardInterrupt`` naming the signal) is
+raised. A run directory is trained by one process at a time: the engine holds its lock
+(:mod:`manifold_lab.train.lock`) and refuses one held by another process with
+:class:`~manifold_lab.train.lock.RunLocked` (a UsageError).
 """
 
 from __future__ import annotations
@@ -29,9 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,20 +43,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manifold_lab.cli import UsageError, writable_dir
+from manifold_lab.cli import DeferredInterrupt, Interrupted, UsageError, writable_dir
 from manifold_lab.data import ArrayDataset, epoch_permutation, load_dataset, pipeline_spec
 from manifold_lab.data.pipeline import PipelineSpec
 from manifold_lab.options import flag_of
 from manifold_lab.train import bn_stats, records, sharding
-from manifold_lab.train.checkpoint import DEFAULT_KEEP, Checkpointer, flatten_state, unflatten_state
-from manifold_lab.train.config import TrainConfig
+from manifold_lab.train.checkpoint import (DEFAULT_KEEP, Checkpointer, finite_parts, flatten_state,
+                                          newest_intact_step, unflatten_state)
+from manifold_lab.train.config import LOCATION_FIELDS, TrainConfig
+from manifold_lab.train.lock import lock_runs
 from manifold_lab.train.network import abstract_model, model_config_for, model_init_fn
 from manifold_lab.train.optim import make_optimizer
 from manifold_lab.train.run_dir import INIT_FROM_KEY, TENSORBOARD_DIR, RunDir, config_digest
 from manifold_lab.train.step import (init_state, make_memory_eval, make_memory_step, make_stream_eval,
                                      make_stream_step, reset_sums)
 
-#: Exit code of the command line when training diverges (non-finite loss).
+#: Exit code of the command line when training diverges (non-finite loss or state).
 EXIT_DIVERGED = 3
 
 
@@ -119,7 +123,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = Fals
     a finished run is extended). Without it, a ``run_dir`` that already holds a run is a UsageError.
     ``stop_at_step``: checkpoint and return None after that step (as if interrupted there).
     ``keep``, ``init_from`` (``RUN_DIR[:STEP]``) and ``tensorboard``: see :class:`RunOptions`.
-    Raises :class:`TrainingDiverged`, UsageError, or KeyboardInterrupt (after saving a checkpoint)."""
+    Raises :class:`TrainingDiverged`, UsageError (:class:`~manifold_lab.train.lock.RunLocked` when
+    another process is training ``run_dir``), or :class:`~manifold_lab.cli.Interrupted` (Ctrl-C or
+    SIGTERM, after saving a checkpoint)."""
     options = RunOptions(keep, None if init_from is None else parse_init_from(init_from), tensorboard)
     out = run_engine(cfg, [cfg.seed], [run_dir], resume=resume, batched=False, stop_at_step=stop_at_step,
                      verbose=verbose, options=options)
@@ -172,6 +178,13 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
     options = options or RunOptions()
     cfg = cfg.resolved()
     cfgs, dirs = _seed_runs(cfg, seeds, run_dirs)
+    with lock_runs(dirs, enabled=jax.process_index() == 0):  # one trainer per run directory
+        return _run_locked(cfg, cfgs, dirs, resume, batched, stop_at_step, verbose, options)
+
+
+def _run_locked(cfg: TrainConfig, cfgs: list[TrainConfig], dirs: list[Path], resume: bool, batched: bool,
+                stop_at_step: int | None, verbose: bool, options: RunOptions) -> list[dict[str, Any]] | None:
+    """:func:`run_engine` once it holds the locks of the run directories."""
     done, changed = _existing_runs(cfgs, dirs, resume)
     init_from = _init_source(options.init_from, dirs[0], resume)
     if done is not None:
@@ -184,6 +197,7 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
     main = jax.process_index() == 0
     ckpts = [Checkpointer(d, options.keep) for d in dirs]
     logs: list[records.MetricsLog] = []
+    progress: list[records.Progress] = []
     try:
         start = _common_checkpoint(ckpts) if resume else None
         state = _start_state(s, state, start, ckpts, init_from, batched)
@@ -207,6 +221,8 @@ def run_engine(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
                 RunDir(d).write_summary(summary)
         return summaries
     finally:
+        for bar in progress:
+            bar.close()
         for log in logs:
             log.close()
         for c in ckpts:
@@ -260,9 +276,12 @@ def _seed_runs(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
 #: where, never the weights: evaluation only reads the state (its batch size and BatchNorm protocol
 #: change the reported test numbers, nothing else), log lines and checkpoints only read it or zero
 #: the logged sums, and the data location holds the same data. The device count changes the
-#: order of the gradient reductions, so a run moved to other devices agrees to float rounding.
+#: order of the gradient reductions, so a run moved to other devices agrees to float rounding. The
+#: corrupt-image limit only decides whether a run stops: one that goes on meets the same replacements.
+#: The inference block form (``block_impl``) changes evaluations within float rounding, never training.
 RESUME_FREE_FIELDS: tuple[str, ...] = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
-                                       "eval_bn", "eval_bn_batches", "data_dir", "num_devices")
+                                       "eval_bn", "eval_bn_batches", "num_devices", "max_bad_images",
+                                       "block_impl", *LOCATION_FIELDS)
 #: The fields of the run's length: a resumed run may change them when the schedule does not
 #: depend on the length (staircase).
 LENGTH_FIELDS: tuple[str, ...] = ("steps", "epochs")
@@ -406,11 +425,9 @@ def _unstack(tree: Any, i: int) -> Any:
 
 
 def _common_checkpoint(ckpts: list[Checkpointer]) -> int | None:
-    """The newest step saved in every run directory."""
-    common = set(ckpts[0].steps())
-    for c in ckpts[1:]:
-        common &= set(c.steps())
-    return max(common) if common else None
+    """The newest step saved intact in every run directory (damaged newer ones are set aside:
+    :func:`~manifold_lab.train.checkpoint.newest_intact_step`)."""
+    return newest_intact_step(ckpts)
 
 
 # ----------------------------------------------------------------------------- compiled programs
@@ -449,7 +466,7 @@ class _ProgramKey:
 def _program_key(cfg: TrainConfig, mcfg: Any, plan: Plan, spec: PipelineSpec | None, data: Any,
                  mesh: jax.sharding.Mesh, batched: bool, streaming: bool) -> _ProgramKey:
     normalised = cfg.replace(seed=0, lr=None, eval_every=None, log_every=1, checkpoint_every=None,
-                             data_dir=None, epochs=1.0, steps=None)
+                             data_dir=None, epochs=1.0, steps=None, max_bad_images=0)
     return _ProgramKey(normalised, mcfg, plan.steps_per_epoch,
                        plan.total_steps if cfg.schedule_name == "cosine" else None, plan.eval_batch_size,
                        plan.train_size, plan.test_size, spec, tuple(data.mean), tuple(data.std), mesh,
@@ -551,26 +568,38 @@ class _Loop:
 
     def run_stream(self, state: Any, key: Any, train_data: Any, test_data: Any, start: int,
                    stop_at: int | None) -> Any:
-        batch_sh = sharding.batch_sharded(self.mesh)
+        """The streamed path: each process decodes only its rows of every global batch (training,
+        evaluation and precise-statistics batches alike); corrupt files are counted over all processes
+        against ``max_bad_images`` (:class:`~manifold_lab.data.imagefolder.BadImages`)."""
+        from manifold_lab.data.imagefolder import BadImages
+
+        cfg, eval_bs, batch_sh = self.cfgs[0], self.plan.eval_batch_size, sharding.batch_sharded(self.mesh)
+        rows, eval_rows = (sharding.process_rows(n, self.mesh) for n in (self.batch, eval_bs))
+        bad = BadImages(cfg.max_bad_images, announce=self.main, gather=sharding.gather_processes,
+                        hint=f"; {flag_of(TrainConfig.__dataclass_fields__['max_bad_images'])} sets how "
+                             f"many are tolerated")
+        put = lambda x, size: sharding.put_process_batch(x, batch_sh, size)  # noqa: E731
         end = self.plan.total_steps if stop_at is None else min(stop_at, self.plan.total_steps)
         batches: Iterator[tuple[np.ndarray, ...]] = train_data.batches(
-            self.batch, seed=self.cfgs[0].seed, start_step=start, num_steps=max(end - start, 1))
+            self.batch, seed=cfg.seed, start_step=start, num_steps=max(end - start, 1), rows=rows, bad=bad)
 
         def advance(state: Any, step: int) -> Any:
             x, y = next(batches)
-            return self.p.step(state, key, _put_batch(x, batch_sh), _put_batch(y, batch_sh))
+            return self.p.step(state, key, put(x, self.batch), put(y, self.batch))
 
         def evaluate(params: Any, stats: Any) -> tuple[jax.Array, jax.Array]:
-            loss, correct = 0.0, 0.0
-            for x, y, mask in test_data.batches(self.plan.eval_batch_size, num_workers=0):
-                l, c = self.p.evaluate(params, stats, *(_put_batch(a, batch_sh) for a in (x, y, mask)))
+            loss, correct, left_out = 0.0, 0.0, bad.left_out
+            for batch in test_data.batches(eval_bs, num_workers=0, rows=eval_rows, bad=bad):
+                l, c = self.p.evaluate(params, stats, *(put(a, eval_bs) for a in batch))
                 loss, correct = loss + l, correct + c
-            return loss / len(test_data), correct / len(test_data)
+            count = max(len(test_data) - (bad.left_out - left_out), 1)  # corrupt files are left out
+            return loss / count, correct / count
 
         def precise(params: Any, stats: Any) -> Any:
-            count = min(self.cfgs[0].eval_bn_batches, self.plan.steps_per_epoch)
-            loader = train_data.batches(self.batch, seed=self.cfgs[0].seed, num_steps=count, num_workers=0)
-            per_batch = [self.p.precise(params, stats, _put_batch(x, batch_sh)) for x, _ in loader]
+            count = min(cfg.eval_bn_batches, self.plan.steps_per_epoch)
+            loader = train_data.batches(self.batch, seed=cfg.seed, num_steps=count, num_workers=0, rows=rows,
+                                        bad=bad)
+            per_batch = [self.p.precise(params, stats, put(x, self.batch)) for x, _ in loader]
             return bn_stats.population(bn_stats.stack(per_batch))
         return self._run(state, start, stop_at, advance, functools.partial(self._evaluate, evaluate, precise))
 
@@ -592,17 +621,16 @@ class _Loop:
         end = self.plan.total_steps if stop_at is None else min(stop_at, self.plan.total_steps)
         step = start
         self.mark_step = start
-        with _DeferredInterrupt() as interrupt:
+        with DeferredInterrupt() as interrupt:
             while step < end:
                 state = advance(state, step)
                 step += 1
                 if self.plan.is_log_step(step):
                     state = self._log(state, step, evaluate)
-                if interrupt.requested:
+                if interrupt.signum is not None:
                     self._checkpoint(state, step)
-                    self.progress[0].message(f"interrupted at step {step}; checkpoint saved, "
-                                             f"continue with --resume")
-                    raise KeyboardInterrupt
+                    raise Interrupted(interrupt.signum, f"at step {step} of {self.plan.total_steps}; "
+                                                        f"checkpoint saved, resuming continues from it")
                 if self.plan.is_checkpoint_step(step):
                     self._checkpoint(state, step)
         if step < self.plan.total_steps:
@@ -610,8 +638,17 @@ class _Loop:
             return None
         return state
 
-    def _check_finite(self, step: int, sums: dict[str, Any]) -> None:
+    def _check_finite(self, step: int, sums: dict[str, Any], state: Any = None) -> None:
+        """Raise :class:`TrainingDiverged` when a loss so far (``sums``) or, given ``state``, any
+        array a checkpoint would hold (weights, BatchNorm statistics, optimiser state, averages) is
+        not finite; it names the last good checkpoint."""
         finite = np.asarray(sums["finite"]).reshape(-1) > 0
+        what = "non-finite loss"
+        if finite.all() and state is not None:
+            parts, flags = finite_parts(state, self.batched)
+            flags = flags.reshape(self.k, len(parts))
+            finite = flags.all(axis=1)
+            what = "non-finite " + ", ".join(p for p, ok in zip(parts, flags.all(axis=0)) if not ok)
         if finite.all():
             return
         bad = [self.cfgs[i].seed for i in np.flatnonzero(~finite)]
@@ -619,8 +656,7 @@ class _Loop:
         where = (f"the last good checkpoint is step {last} in {self.ckpts[0].directory}" if last is not None
                  else "no checkpoint was saved")
         seeds = f" (seed {', '.join(map(str, bad))})" if self.batched else ""
-        raise TrainingDiverged(f"training diverged: non-finite loss by step {step}{seeds}; {where}",
-                               step, last)
+        raise TrainingDiverged(f"training diverged: {what} by step {step}{seeds}; {where}", step, last)
 
     def _log(self, state: Any, step: int, evaluate: Any) -> Any:
         sums = jax.device_get(state["sums"])
@@ -648,39 +684,10 @@ class _Loop:
     def _checkpoint(self, state: Any, step: int) -> None:
         if step in self.ckpts[0].steps():
             return
-        self._check_finite(step, jax.device_get(state["sums"]))
+        self._check_finite(step, jax.device_get(state["sums"]), state)
         for i, c in enumerate(self.ckpts):
             c.save(step, _unstack(state, i) if self.batched else state)
         self.mark_time, self.mark_step = time.perf_counter(), step
-
-
-def _put_batch(x: np.ndarray, batch_sh: jax.sharding.NamedSharding) -> jax.Array:
-    if jax.process_count() == 1:
-        return jax.device_put(x, batch_sh)
-    return jax.make_array_from_callback(x.shape, batch_sh, lambda index: x[index])
-
-
-class _DeferredInterrupt:
-    """Turn SIGINT into a flag checked between steps (main thread only), so a step's donated
-    buffers are never lost mid-update."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _test_fields(test: dict[str, list[np.ndarray]], seed_index: int) -> dict[str, Any]:

@@ -13,18 +13,23 @@ import jax
 from flax import nnx
 
 from manifold_lab.cli import UsageError
+from manifold_lab.models.backend import backend_for
 from manifold_lab.models.factory import ModelConfig, build_model, model_config
 from manifold_lab.train.config import TrainConfig
 from manifold_lab.train.step import split_state
 
 
 def model_config_for(cfg: TrainConfig, num_classes: int, in_channels: int) -> ModelConfig:
-    """The model config of a resolved TrainConfig for data with these classes and channels."""
+    """The model config of a resolved TrainConfig for data with these classes and channels; a
+    kernel choice this machine cannot run (``depthwise_impl``, ``block_impl``) is a UsageError
+    here, before any work."""
     try:
-        return model_config(cfg.model, **cfg.network_fields(), num_classes=num_classes,
+        mcfg = model_config(cfg.model, **cfg.network_fields(), num_classes=num_classes,
                             in_channels=in_channels)
+        backend_for(cfg.depthwise_impl, block_impl=cfg.block_impl)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return mcfg
 
 
 @functools.lru_cache(maxsize=16)

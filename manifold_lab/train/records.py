@@ -24,9 +24,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+import rich.console
+import rich.progress
+import rich.table
 
 from manifold_lab.atomic import atomic_write_text
 from manifold_lab.cli import UsageError
+from manifold_lab.cpu_threads import intra_op_threads
 from manifold_lab.train.run_dir import read_metrics
 
 TIMING_KEYS = ("images_per_second", "elapsed_s")
@@ -47,7 +51,8 @@ def git_commit() -> str | None:
 
 
 def environment_info(devices: list[Any]) -> dict[str, Any]:
-    """Package versions, Python, platform, git commit and the devices used."""
+    """Package versions, Python, platform, git commit, the devices used and XLA:CPU's intra-op
+    thread count."""
     versions = {}
     for name in _PACKAGES:
         try:
@@ -61,6 +66,7 @@ def environment_info(devices: list[Any]) -> dict[str, Any]:
         "git_commit": git_commit(),
         "devices": [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in devices],
         "process_count": jax.process_count(),
+        "xla_cpu_threads": intra_op_threads(),  # decides a CPU run's rounding (manifold_lab.cpu_threads)
     }
 
 
@@ -143,11 +149,47 @@ def clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+class _Board:
+    """One live ``rich`` display per output stream, shared by the progress bars of the seeds that
+    one program trains (rich allows one live display per console); stopped when its last bar closes."""
+
+    _open: dict[int, _Board] = {}
+
+    def __init__(self, stream: TextIO) -> None:
+        self.console = rich.console.Console(file=stream, force_terminal=True, highlight=False)
+        self.display = rich.progress.Progress(
+            rich.progress.TextColumn("{task.description}", markup=False), rich.progress.BarColumn(bar_width=20),
+            rich.progress.TextColumn("{task.completed}/{task.total} {task.fields[elapsed]} "
+                                     "{task.fields[speed]} step/s {task.fields[left]} left"),
+            rich.progress.TextColumn("{task.fields[text]}", table_column=rich.table.Column(
+                no_wrap=True, overflow="ellipsis")),
+            console=self.console, auto_refresh=False)
+        self.display.start()
+        self.users = 0
+
+    @classmethod
+    def of(cls, stream: TextIO) -> _Board:
+        """The stream's display (started on first use)."""
+        board = cls._open.get(id(stream))
+        if board is None:
+            board = cls._open[id(stream)] = cls(stream)
+        board.users += 1
+        return board
+
+    def release(self, stream: TextIO) -> None:
+        """One bar fewer; the last one stops the display."""
+        self.users -= 1
+        if self.users <= 0:
+            self.display.stop()
+            self._open.pop(id(stream), None)
+
+
 class Progress:
-    """Console output. On a terminal, a one-line bar: steps done, elapsed time (across resumes),
-    rate (steps per second since the first line of this process, so compilation does not count),
-    time left at that rate, loss and img/s; evaluation lines stay on screen. Otherwise one plain
-    line per log step ending in ``elapsed`` and ``eta``. Only process 0 prints."""
+    """Console output. On a terminal, a ``rich`` progress bar per seed: steps done, elapsed time
+    (across resumes), rate (steps per second since the first line of this process, so compilation
+    does not count), time left at that rate, loss and img/s; evaluation lines and messages print
+    above the bars and stay on screen. Otherwise one plain line per log step ending in ``elapsed``
+    and ``eta``. Only process 0 prints; :meth:`close` ends the bar."""
 
     def __init__(self, total_steps: int, *, label: str = "", stream: TextIO | None = None,
                  enabled: bool = True) -> None:
@@ -156,7 +198,8 @@ class Progress:
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
-        self._open_bar = False
+        self._board: _Board | None = None
+        self._task: Any = None
         self._first: tuple[int, float] | None = None
 
     def timing(self, step: int) -> tuple[float | None, float | None]:
@@ -180,29 +223,42 @@ class Progress:
             test = f" test_acc {record['test_accuracy']:.4f} test_loss {record['test_loss']:.4f}"
         rate, left = self.timing(record["step"])
         eta = "?" if left is None else clock(left)
-        speed = "?" if rate is None else f"{rate:.2f}"
-        text = (f"{self.label}step {record['step']}/{self.total} epoch {record['epoch']:.2f} "
+        text = (f"step {record['step']}/{self.total} epoch {record['epoch']:.2f} "
                 f"loss {record['loss']:.4f} acc {record['train_accuracy']:.4f} "
-                f"lr {record['learning_rate']:.3g} {record['images_per_second']:.0f} img/s{test}")
-        if self.tty:
-            done = int(30 * record["step"] / max(self.total, 1))
-            bar = "#" * done + "." * (30 - done)
-            self.stream.write(f"\r[{bar}] {clock(record.get('elapsed_s', 0.0))} {speed} step/s "
-                              f"{eta} left | {text}\033[K")
-            self._open_bar = True
-            if test:  # keep evaluation lines on screen
-                self.stream.write("\n")
-                self._open_bar = False
-        else:
-            self.stream.write(f"{text} elapsed {clock(record.get('elapsed_s', 0.0))} eta {eta}\n")
-        self.stream.flush()
+                f"lr {record['learning_rate']:.3g} {record['images_per_second']:.0f} img/s")
+        elapsed = clock(record.get("elapsed_s", 0.0))
+        if not self.tty:
+            self.stream.write(f"{self.label}{text}{test} elapsed {elapsed} eta {eta}\n")
+            self.stream.flush()
+            return
+        board = self._bar()
+        if test:  # evaluation lines stay on screen above the bars
+            board.console.print(f"{self.label}{text}{test}", markup=False, soft_wrap=True)
+        board.display.update(self._task, completed=record["step"], elapsed=elapsed, left=eta,
+                             speed="?" if rate is None else f"{rate:.2f}",
+                             text=f"loss {record['loss']:.4f} acc {record['train_accuracy']:.4f} "
+                                  f"{record['images_per_second']:.0f} img/s")
+        board.display.refresh()
+
+    def _bar(self) -> _Board:
+        if self._board is None:
+            self._board = _Board.of(self.stream)
+            self._task = self._board.display.add_task(self.label.strip(), total=self.total, elapsed="0:00",
+                                                      speed="?", left="?", text="")
+        return self._board
 
     def message(self, text: str) -> None:
-        """A line of its own (ends an open progress bar first)."""
+        """A line of its own (above the bars on a terminal)."""
         if not self.enabled:
             return
-        if self._open_bar:
-            self.stream.write("\n")
-            self._open_bar = False
+        if self.tty:
+            self._bar().console.print(f"{self.label}{text}", markup=False, soft_wrap=True)
+            return
         self.stream.write(f"{self.label}{text}\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        """End this bar (the display stops with the last one); safe to call twice."""
+        if self._board is not None:
+            self._board.release(self.stream)
+            self._board = None

@@ -6,9 +6,12 @@
   devices).
 * ``metrics.jsonl``: one JSON object per logging step (see :mod:`manifold_lab.train.records`).
   ``init_from`` records the run whose weights started this one, when it was started that way.
-* ``checkpoints/``: Orbax checkpoints by step (:mod:`manifold_lab.train.checkpoint`).
+* ``checkpoints/``: Orbax checkpoints by step (:mod:`manifold_lab.train.checkpoint`), each with the
+  SHA-256 of its files; a damaged one found on resume is set aside as ``<step>.corrupt``.
 * ``tensorboard/``: TensorBoard event files, when the run was started with ``--tensorboard``.
 * ``summary.json``: written last and atomically; its presence marks a finished run.
+* ``.lock``: held by the process training the run (:mod:`manifold_lab.train.lock`); removed when it
+  stops, left behind only by a process that was killed.
 
 A run is ``done`` (complete and consistent), ``partial`` (resumable: config, a checkpoint, no
 summary), ``missing`` (absent or empty) or ``corrupt`` (anything else). Importing this module does
@@ -26,7 +29,7 @@ from typing import Any
 
 from manifold_lab.atomic import atomic_write_json
 from manifold_lab.cli import UsageError
-from manifold_lab.train.config import RENAMED_FIELDS, RESERVED_KEYS, TrainConfig
+from manifold_lab.train.config import RENAMED_FIELDS, RESERVED_KEYS, TrainConfig, identity_fields
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -34,6 +37,8 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 #: TensorBoard event files of the run (written with ``--tensorboard``).
 TENSORBOARD_DIR = "tensorboard"
+#: Lock file of the process training the run (:mod:`manifold_lab.train.lock`); not part of the run.
+LOCK_FILE = ".lock"
 #: ``config.json`` key recording the run whose weights started this one (``--init-from``):
 #: ``{"run": absolute path, "step": checkpoint step}``; absent for runs started from scratch.
 INIT_FROM_KEY = "init_from"
@@ -43,8 +48,20 @@ DONE, MISSING, PARTIAL, CORRUPT = "done", "missing", "partial", "corrupt"
 
 
 def config_digest(train_fields: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of the TrainConfig fields (ties summary.json to config.json)."""
-    return hashlib.sha256(json.dumps(train_fields, sort_keys=True).encode()).hexdigest()
+    """The identity of a run: SHA-256 of the canonical JSON of its
+    :func:`~manifold_lab.train.config.identity_fields` (the same run reads its data from wherever it
+    lies); ties summary.json to config.json."""
+    return _sha256_json(identity_fields(train_fields))
+
+
+def digest_matches(digest: Any, train_fields: Mapping[str, Any]) -> bool:
+    """Whether ``digest`` (a summary's ``config_sha256``) is the run identity of ``train_fields``,
+    or the digest of every field, location included, that runs finished before recorded."""
+    return digest in (config_digest(train_fields), _sha256_json(dict(train_fields)))
+
+
+def _sha256_json(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -143,13 +160,13 @@ class RunDir:
             return False
         fields = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
         resolved = config.get("resolved")
-        return (summary.get("config_sha256") == config_digest(fields) and isinstance(resolved, dict)
+        return (digest_matches(summary.get("config_sha256"), fields) and isinstance(resolved, dict)
                 and summary["steps"] == resolved.get("total_steps"))
 
     def status(self, expected: Mapping[str, Any] | None = None) -> tuple[str, str]:
         """``(status, reason)``: done, partial, missing or corrupt. ``expected``: TrainConfig fields
         (JSON values) the saved config must hold; a difference makes the run corrupt."""
-        if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
+        if not self.path.exists() or (self.path.is_dir() and all(p.name == LOCK_FILE for p in self.path.iterdir())):
             return MISSING, "no run directory"
         if not self.path.is_dir():
             return CORRUPT, "not a directory"
