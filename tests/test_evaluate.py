@@ -144,7 +144,7 @@ def test_centre_crop_preprocessing_matches_the_imagefolder_evaluation(tmp_path: 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     prep = Preprocessing((24, 24, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), centre_crop=True)
-    expected = _Decode(24, train=False)((str(tmp_path / "x.png"), 0, True))[0]
+    expected = _Decode([(str(tmp_path / "x.png"), 0)], 24, train=False)((0, True))[0]
     np.testing.assert_array_equal(prep.pixels(tmp_path / "x.png"), expected.astype(np.float32))
 
 
