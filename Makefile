@@ -30,7 +30,7 @@ run: setup data
 	$(BIN)/python -m ablations.figures --preset quick --results results --out figures/quick
 
 test: setup
-	$(BIN)/python -m pytest -n 2 -q --durations=15
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -91,7 +91,7 @@ def test_on_the_spiral_the_rank_test_gives_theorem_1() -> None:
     rng = np.random.default_rng(3)
     for n in (2, 3, 5):
         fractions = []
-        for _ in range(300):
+        for _ in range(120):
             t = rng.normal(size=(n, 2)).astype(np.float32)
             pre = x @ t.T
             mask = np.asarray(active_mask(pre, "relu"))
