@@ -20,13 +20,12 @@ from manifold_lab.allocator import reexec_with_allocator
 reexec_with_allocator()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from timing import Timing, time_calls  # noqa: E402
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main  # noqa: E402
 from manifold_lab.models.depthwise import DEPTHWISE_FORMS, depthwise_conv, resolve_impl  # noqa: E402
 from manifold_lab.models.geometry import output_size  # noqa: E402
@@ -38,18 +37,9 @@ SHAPES: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) seconds of ``repeats`` calls after one warm-up."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), max(times)
 
 
-def _fmt(t: tuple[float, float, float]) -> str:
+def _fmt(t: Timing) -> str:
     med, lo, hi = (1e3 * v for v in t)
     return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
 
@@ -92,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) for a, b in zip(ref, got))
             if err > 1e-4:
                 raise RuntimeError(f"{forms[0]} and {f} disagree by {err:.2e} (relative) at {size}x{size}x{channels}")
-        tf = {f: _time(lambda f=f: fwd[f](x, kernel), args.repeats) for f in forms}
-        tb = {f: _time(lambda f=f: bwd[f](x, kernel, cot), args.repeats) for f in forms}
+        tf = {f: time_calls(lambda f=f: fwd[f](x, kernel), args.repeats) for f in forms}
+        tb = {f: time_calls(lambda f=f: bwd[f](x, kernel, cot), args.repeats) for f in forms}
         cells = ([_fmt(tf[f]) for f in forms] + [f"{tf[a][0] / tf[b][0]:.1f}x" for a, b in pairs]
                  + [_fmt(tb[f]) for f in forms] + [f"{tb[a][0] / tb[b][0]:.1f}x" for a, b in pairs])
         print(f"| {size}x{size}x{channels}, s{stride} | " + " | ".join(cells) + " |", flush=True)

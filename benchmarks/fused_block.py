@@ -30,14 +30,13 @@ from manifold_lab.allocator import reexec_with_allocator
 reexec_with_allocator()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from timing import Timing, time_calls  # noqa: E402
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main  # noqa: E402
 from manifold_lab.costs.analytic import model_costs  # noqa: E402
 from manifold_lab.costs.memory_bounds import memory_bounds  # noqa: E402
@@ -45,18 +44,6 @@ from manifold_lab.models import backend_for, build_model  # noqa: E402
 from manifold_lab.models.config import BlockSpec, MobileNetV2Config  # noqa: E402
 from manifold_lab.models.mobilenet_v2 import InvertedResidual  # noqa: E402
 
-Timing = tuple[float, float, float]
-
-
-def _time(fn: Callable[[], object], repeats: int) -> Timing:
-    """(median, min, max) seconds of ``repeats`` calls after one warm-up."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), max(times)
 
 
 def _fmt(t: Timing) -> str:
@@ -68,7 +55,7 @@ def matmul_ceiling(repeats: int) -> float:
     """GFLOP/s of XLA's float32 matmul of two 2048 x 2048 matrices (the machine's practical peak)."""
     a, b = (jax.random.normal(jax.random.key(i), (2048, 2048), jnp.float32) for i in range(2))
     dot = jax.jit(jnp.dot)
-    return 2 * 2048**3 / _time(lambda: dot(a, b), repeats)[1] / 1e9  # the fastest call: a peak
+    return 2 * 2048**3 / time_calls(lambda: dot(a, b), repeats)[1] / 1e9  # the fastest call: a peak
 
 
 def randomize_statistics(module: nnx.Module, key: jax.Array) -> None:
@@ -113,7 +100,7 @@ def time_block(spec: BlockSpec, size: int, batch: int, repeats: int) -> tuple[Ti
     err = float(jnp.max(jnp.abs(want - got)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-6))
     if err > 1e-4:
         raise RuntimeError(f"plain and fused disagree by {err:.2e} (relative) in block {spec.index}")
-    return tuple(_time(lambda impl=impl: blocks[impl](state, x), repeats) for impl in ("plain", "fused"))
+    return tuple(time_calls(lambda impl=impl: blocks[impl](state, x), repeats) for impl in ("plain", "fused"))
 
 
 def block_table(batches: list[int], indices: list[int] | None, repeats: int, size: int) -> None:
