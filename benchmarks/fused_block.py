@@ -85,26 +85,50 @@ def block_inputs(config: MobileNetV2Config, size: int) -> list[tuple[BlockSpec, 
     return rows
 
 
-def time_block(spec: BlockSpec, size: int, batch: int, repeats: int) -> tuple[Timing, Timing]:
-    """(plain, fused) timings of one block at this input size and batch, checked to agree."""
-    blocks, state = {}, None
-    for impl in ("plain", "fused"):
-        config = MobileNetV2Config(block_impl=impl)
-        block = InvertedResidual(spec, config, expansion_shortcut=False, rngs=nnx.Rngs(spec.index))
-        randomize_statistics(block, jax.random.key(spec.index))
-        graphdef, block_state = nnx.split(block)
-        state = block_state if state is None else state
-        blocks[impl] = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, None, False)[0])
+def _block_fn(spec: BlockSpec, impl: str, train: bool):
+    """(jitted call of one block under ``block_impl=impl``, its state): inference ``f(state, x)``
+    is the output; training ``f(state, x)`` is the gradient of ``sum(output * x_out)`` (a fixed
+    cotangent) for the parameters and the input, batch statistics as in a training step."""
+    config = MobileNetV2Config(block_impl=impl)
+    block = InvertedResidual(spec, config, expansion_shortcut=False, rngs=nnx.Rngs(spec.index))
+    randomize_statistics(block, jax.random.key(spec.index))
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    if not train:
+        return jax.jit(lambda s, x: nnx.merge(graphdef, *s)(x, None, False)[0]), (params, rest)
+
+    def loss(p, r, x):
+        y = nnx.merge(graphdef, p, r, copy=True)(x, None, True)[0]
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+
+    return jax.jit(lambda s, x: jax.grad(loss, argnums=(0, 2))(s[0], s[1], x)), (params, rest)
+
+
+def _disagreement(want, got, train: bool) -> float:
+    """Inference: the largest relative difference of the outputs (relative to the largest value).
+    Training: 1 - the smallest cosine similarity of a gradient with its plain counterpart (a
+    pixel whose pre-activation lies within rounding of a ReLU6 kink may take the other side of it
+    in the other form, which moves that pixel's gradient entirely)."""
+    pairs = list(zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    if train:
+        return max(1.0 - float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)) for a, b in pairs)
+    return max(float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(a)), 1e-6)) for a, b in pairs)
+
+
+def time_block(spec: BlockSpec, size: int, batch: int, repeats: int, train: bool = False) -> tuple[Timing, Timing]:
+    """(plain, fused) timings of one block at this input size and batch (inference, or a training
+    forward and backward pass), checked to agree."""
+    calls = {impl: _block_fn(spec, impl, train) for impl in ("plain", "fused")}
+    state = calls["plain"][1]
     x = jax.random.normal(jax.random.key(0), (batch, size, size, spec.in_channels), jnp.float32)
-    want, got = blocks["plain"](state, x), blocks["fused"](state, x)
-    err = float(jnp.max(jnp.abs(want - got)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-6))
+    err = _disagreement(calls["plain"][0](state, x), calls["fused"][0](state, x), train)
     if err > 1e-4:
         raise RuntimeError(f"plain and fused disagree by {err:.2e} (relative) in block {spec.index}")
-    return tuple(time_calls(lambda impl=impl: blocks[impl](state, x), repeats) for impl in ("plain", "fused"))
+    return tuple(time_calls(lambda impl=impl: calls[impl][0](state, x), repeats) for impl in ("plain", "fused"))
 
 
-def block_table(batches: list[int], indices: list[int] | None, repeats: int, size: int) -> None:
+def block_table(batches: list[int], indices: list[int] | None, repeats: int, size: int, train: bool) -> None:
     """The per-block table (see the module docstring)."""
+    flops_per_madd = 6 if train else 2  # training: forward, input and weight gradients
     ceiling = matmul_ceiling(repeats)
     print(f"matmul ceiling (XLA float32 2048^3): {ceiling:.1f} GFLOP/s, load {os.getloadavg()[0]:.2f}")
     print("| block | input, t, out, stride | batch | plain ms | fused ms | plain GFLOP/s (ceiling) | "
@@ -114,8 +138,8 @@ def block_table(batches: list[int], indices: list[int] | None, repeats: int, siz
         if indices is not None and spec.index not in indices:
             continue
         for batch in batches:
-            plain, fused = time_block(spec, side, batch, repeats)
-            rates = [2 * madds * batch / t[0] / 1e9 for t in (plain, fused)]
+            plain, fused = time_block(spec, side, batch, repeats, train)
+            rates = [flops_per_madd * madds * batch / t[0] / 1e9 for t in (plain, fused)]
             shape = (f"{side}x{side}x{spec.in_channels}, {spec.expanded_channels // spec.in_channels}, "
                      f"{spec.out_channels}, s{spec.stride}")
             print(f"| {spec.index} | {shape} | {batch} | {_fmt(plain)} | {_fmt(fused)} | "
@@ -164,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=7, help="timed calls per figure")
     parser.add_argument("--blocks", default=None, help="comma-separated block indices (default: every shape)")
     parser.add_argument("--memory", action="store_true", help="the peak activation memory table instead")
+    parser.add_argument("--train", action="store_true",
+                        help="time a training forward and backward pass of each block instead of inference")
     parser.add_argument("--image-size", type=positive_int, default=224, help="input size in pixels (default 224)")
     args = parser.parse_args(argv)
     batches = parse_list(args.batches, "--batches")
@@ -178,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory_table(batches, args.image_size)
     else:
         indices = parse_list(args.blocks, "--blocks") if args.blocks else None
-        block_table(batches, indices, args.repeats, args.image_size)
+        block_table(batches, indices, args.repeats, args.image_size, args.train)
     return 0
 
 

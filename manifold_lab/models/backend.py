@@ -13,13 +13,15 @@ Kinds (:data:`KINDS`):
 ``auto`` resolves to ``native`` on the CPU backend where the native kernels build (a C++ compiler
 is installed), else ``shift``; to ``xla`` on GPU/TPU.
 
-Blocks (``block_impl``, resolved into :attr:`KernelBackend.blocks`): in inference a MobileNetV2
-inverted-residual block runs layer by layer (``plain``) or, with the native kind, as one call of
-the fused block kernel (``fused``: :func:`manifold_lab.native.ops.fused_inference_block`, which
-never writes the expanded tensor out). ``auto`` fuses the blocks whose shape
-:func:`fused_block_is_faster` names, on the CPU where the kernel builds (AVX-512), and runs the
-others, and every block on GPU/TPU, plain. Training and ``capture`` always take the plain path, as
-do blocks whose shortcut reads the expanded tensor (``residual`` an expansion stream).
+Blocks (``block_impl``, resolved into :attr:`KernelBackend.blocks`): a MobileNetV2
+inverted-residual block runs layer by layer (``plain``) or, with the native kind, by the fused
+block kernels (``fused``), which never write the expanded tensor out: in inference one call
+(:func:`manifold_lab.native.ops.fused_inference_block`), in training the recomputing passes of
+:func:`manifold_lab.native.block_train.fused_train_block`. ``auto`` fuses the blocks whose shape
+:func:`fused_block_is_faster` names, on the CPU where the kernels build (AVX-512), and runs the
+others, and every block on GPU/TPU, plain. ``capture`` always takes the plain path, as do blocks
+whose shortcut reads the expanded tensor (``residual`` an expansion stream) and, in training, the
+t = 1 block.
 
 Dense convolutions are the same in every kind except the native stem: 1x1 stride-1 as a matmul,
 few input channels (k * k * C_in <= ``IM2COL_MAX_DEPTH``) by im2col, others by XLA (see
@@ -50,6 +52,7 @@ from manifold_lab.models.config import BLOCK_IMPLS, DEPTHWISE_IMPLS
 from manifold_lab.models.convolution import (IM2COL_MAX_DEPTH, im2col_conv, pointwise_conv, shift_depthwise,
                                              xla_conv)
 from manifold_lab.models.geometry import spatial_pads
+from manifold_lab.native.block_train import fused_train_block
 from manifold_lab.native.ops import (bn_act_depthwise_train, fused_inference_block, fused_inference_depthwise,
                                      native_conv, native_depthwise)
 
@@ -138,21 +141,28 @@ class KernelBackend:
             y = self.depthwise(x, kernel, stride=stride, padding=padding)
         return self.bn_act(bn, y, train, act)
 
-    def fuses_block(self, x: Array | DeferredBN) -> bool:
-        """Whether an inverted-residual block with input ``x`` (inference) runs as one fused kernel
-        call: :attr:`blocks` ``fused``, or ``auto`` and :func:`fused_block_is_faster` at this shape;
-        float32 only."""
+    def fuses_block(self, x: Array | DeferredBN, train: bool = False) -> bool:
+        """Whether an inverted-residual block with input ``x`` runs fused: :attr:`blocks` ``fused``,
+        or ``auto`` where the fused kernels are faster at this shape (:func:`fused_block_is_faster`);
+        float32 only; in training only where the training kernels load and ``x`` is an array (the
+        block has an expansion: the t = 1 block reads the stem's deferred output)."""
         source = x.raw if isinstance(x, DeferredBN) else x
         if self.blocks == "plain" or not self.native_for(source):
             return False
-        return self.blocks == "fused" or fused_block_is_faster(source.shape[2])
+        if train and (isinstance(x, DeferredBN) or native.load("fused_block_train") is None):
+            return False
+        return self.blocks == "fused" or fused_block_is_faster(source.shape, train)
 
     def inverted_residual(self, x: Array | DeferredBN, expansion: nnx.Module | None, depthwise: nnx.Module,
-                          projection: nnx.Module, shortcut: str | None) -> Array:
-        """Inference of a whole block in one fused kernel call (see :meth:`fuses_block`): the
-        layers are the block's ``ConvBN`` / ``DepthwiseBN`` modules (``expansion`` None for t = 1,
-        whose input may be the stem's deferred output); ``shortcut`` None, ``"bottleneck"`` or
-        ``"inner"``."""
+                          projection: nnx.Module, shortcut: str | None, train: bool = False) -> Array:
+        """A whole block by the fused kernels (see :meth:`fuses_block`): the layers are the block's
+        ``ConvBN`` / ``DepthwiseBN`` modules (``expansion`` None for t = 1, whose input may be the
+        stem's deferred output; in inference only); ``shortcut`` None, ``"bottleneck"`` or
+        ``"inner"``. Inference: one kernel call. Training: :func:`fused_train_block` computes the raw
+        projection and the batch statistics, which move the expansion's and the depthwise layer's
+        running averages; the projection's BatchNorm, activation and the shortcut follow here."""
+        if train:
+            return self._train_inverted_residual(x, expansion, depthwise, projection, shortcut)
         deferred = isinstance(x, DeferredBN)
         source = x.raw if deferred else x
         if expansion is not None:
@@ -164,6 +174,19 @@ class KernelBackend:
                                      dw_act=depthwise.act, project_kernel=projection.kernel[...],
                                      project_bn=projection.bn, project_act=projection.act,
                                      stride=depthwise.stride, padding=depthwise.padding, shortcut=shortcut)
+
+    def _train_inverted_residual(self, x: Array, expansion: nnx.Module, depthwise: nnx.Module,
+                                 projection: nnx.Module, shortcut: str | None) -> Array:
+        pads = spatial_pads(x.shape, 3, depthwise.stride, depthwise.padding)
+        ebn, dbn = expansion.bn, depthwise.bn
+        p, expansion_stats, depthwise_stats = fused_train_block(
+            x, expansion.kernel[...][0, 0], ebn.scale[...], ebn.bias[...], depthwise.kernel[...][:, :, 0, :],
+            dbn.scale[...], dbn.bias[...], projection.kernel[...][0, 0], ebn.epsilon, (expansion.act, depthwise.act),
+            depthwise.stride, pads, shortcut == "inner")
+        update_running_stats(ebn, *expansion_stats)
+        update_running_stats(dbn, *depthwise_stats)
+        y = self.bn_act(projection.bn, p, True, projection.act)
+        return y + x if shortcut == "bottleneck" else y
 
     def observe(self, value: Array | DeferredBN, train: bool) -> Array:
         """The tensor ``value`` stands for, to record (``capture``) without touching the forward pass:
@@ -235,8 +258,14 @@ def backend_for(impl: str, platform: str | None = None, block_impl: str = "auto"
 #: shape of the 224 px network at 1.1-2.9x at batch 1 and 1.1-2.2x at batch 32.
 FUSED_MIN_WIDTH = 2
 
+#: Training: the fused passes compute the expanded tiles four times (statistics, forward, two
+#: backward passes), which pays where the plain layers are bound by memory traffic: the
+#: benchmark's ``--train`` table (batch 32, 224 px) measured the 112 and 56 px wide block inputs
+#: at 1.06-1.19x the plain layers and the 28 px and narrower ones at 0.71-0.93x.
+FUSED_TRAIN_MIN_WIDTH = 56
 
-def fused_block_is_faster(w: int) -> bool:
-    """Whether the fused block kernel beats the plain layers for a block whose input rows are ``w``
-    pixels wide (see :data:`FUSED_MIN_WIDTH`; no other measured effect of the shape)."""
-    return w >= FUSED_MIN_WIDTH
+
+def fused_block_is_faster(shape: tuple[int, ...], train: bool = False) -> bool:
+    """Whether the fused block kernels beat the plain layers for a block whose NHWC input has this
+    ``shape`` (see :data:`FUSED_MIN_WIDTH` and :data:`FUSED_TRAIN_MIN_WIDTH`)."""
+    return shape[2] >= (FUSED_TRAIN_MIN_WIDTH if train else FUSED_MIN_WIDTH)

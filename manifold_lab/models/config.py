@@ -19,8 +19,9 @@ RESIDUAL_PLACEMENTS: tuple[str, ...] = ("bottleneck", "expansion", "expansion_pr
 #: (:meth:`MobileNetV2Config.expansion_shortcuts`).
 EXPANSION_STREAMS: tuple[str, ...] = ("expansion", "expansion_preact")
 DEPTHWISE_IMPLS: tuple[str, ...] = ("auto", "xla", "shift", "native")
-#: Inverted-residual blocks in inference: layer by layer (``plain``), one native kernel per block
-#: (``fused``), or fused where it is faster (``auto``); see :mod:`manifold_lab.models.backend`.
+#: Inverted-residual blocks: layer by layer (``plain``), by the native fused block kernels
+#: (``fused``: one call per block in inference, recomputing passes in training), or fused where
+#: measured faster (``auto``); see :mod:`manifold_lab.models.backend`.
 BLOCK_IMPLS: tuple[str, ...] = ("auto", "plain", "fused")
 PADDINGS: tuple[str, ...] = ("same", "symmetric")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -48,8 +49,8 @@ class NetworkOptions:
     residual: str = option("bottleneck", "shortcut placement (MobileNetV2)", choices=RESIDUAL_PLACEMENTS)
     depthwise_impl: str = option("auto", "depthwise kernels: auto (native on CPU), xla, shift, native",
                                  choices=DEPTHWISE_IMPLS)
-    block_impl: str = option("auto", "MobileNetV2 blocks in inference: auto (fused where faster on CPU), "
-                             "plain (layer by layer) or fused (one native kernel per block)",
+    block_impl: str = option("auto", "MobileNetV2 blocks: auto (fused where faster on CPU), plain (layer by "
+                             "layer) or fused (native kernels that keep the expanded tensor in cache-sized tiles)",
                              choices=BLOCK_IMPLS)
     padding: str = option("same", "convolution padding convention", choices=PADDINGS)
     dropout_rate: float = option(0.2, "drop probability before the classifier", flag="--dropout")

@@ -157,15 +157,16 @@ class InvertedResidual(nnx.Module):
                 and not self.keep_expanded)
 
     def fused(self, x: Array | DeferredBN, train: bool, capture: bool) -> Array | None:
-        """The block output by the fused block kernel where the backend fuses this block
-        (:meth:`~manifold_lab.models.backend.KernelBackend.fuses_block`: inference without
-        ``capture``, and no expansion stream, whose shortcut reads e_i); None otherwise."""
-        if train or capture or self.passes_stream:
+        """The block output by the fused block kernels where the backend fuses this block
+        (:meth:`~manifold_lab.models.backend.KernelBackend.fuses_block`: without ``capture``, no
+        expansion stream, whose shortcut reads e_i, and in training a block with an expansion);
+        None otherwise."""
+        if capture or self.passes_stream or (train and self.expansion is None):
             return None
-        if not self.backend.fuses_block(x):
+        if not self.backend.fuses_block(x, train):
             return None
         shortcut = "bottleneck" if self.bottleneck_shortcut else ("inner" if self.inner_shortcut else None)
-        return self.backend.inverted_residual(x, self.expansion, self.depthwise, self.projection, shortcut)
+        return self.backend.inverted_residual(x, self.expansion, self.depthwise, self.projection, shortcut, train)
 
     def expand(self, x: Array | DeferredBN, prev_stream: Array | None, train: bool
                ) -> tuple[Array | DeferredBN, Array | None]:

@@ -2,7 +2,8 @@
 
 Each ``.cc`` file beside this module is one library (``depthwise``: the depthwise convolution;
 ``batchnorm``: BatchNorm's training reductions; ``conv``: the stem's convolution; ``fused_block``:
-a whole inverted-residual block in inference, expansion to projection); their FFI
+a whole inverted-residual block in inference, expansion to projection; ``fused_block_train``: the
+passes that train such a block without writing its expanded tensors); their FFI
 bindings are :mod:`manifold_lab.native.ffi`, their differentiable operations
 :mod:`manifold_lab.native.ops`. Each library is compiled with the shared ``.h`` headers by the
 system C++ compiler (``$CXX``, else ``c++``/``g++``, C++20, ``-O3 -march=native``) against the
@@ -17,7 +18,7 @@ Where no compiler is found or the build fails, :func:`load` returns None and say
 (``reason()``). The native kernels are used as one set: :func:`available` (all libraries of the
 set load) is the one test, which :func:`manifold_lab.models.backend.backend_for` applies when it
 resolves a network's ``depthwise_impl``; without them the network takes its pure-JAX forms. The
-libraries of :data:`OPTIONAL` are outside that set (``fused_block`` needs AVX-512): the backend
+libraries of :data:`OPTIONAL` are outside that set (the fused block libraries need AVX-512): the backend
 loads them where it would use them and takes the unfused path where they do not load.
 ``MANIFOLD_LAB_NATIVE=0`` turns the native kernels off.
 """
@@ -52,10 +53,13 @@ TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
     "conv": (("manifold_conv_fwd", "ManifoldConvForward"),
              ("manifold_conv_wgrad", "ManifoldConvWeightGrad")),
     "fused_block": (("manifold_fused_block_fwd", "ManifoldFusedBlockForward"),),
+    "fused_block_train": (("manifold_fused_block_train_stats", "ManifoldFusedBlockTrainStats"),
+                          ("manifold_fused_block_train_bwd_sums", "ManifoldFusedBlockTrainBwdSums"),
+                          ("manifold_fused_block_train_bwd", "ManifoldFusedBlockTrainBwd")),
 }
 
 #: Libraries that :func:`available` does not require (each is checked with :func:`load` where used).
-OPTIONAL: frozenset[str] = frozenset({"fused_block"})
+OPTIONAL: frozenset[str] = frozenset({"fused_block", "fused_block_train"})
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _reasons: dict[str, str] = {}

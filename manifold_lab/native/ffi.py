@@ -123,3 +123,48 @@ def fused_block_forward(x: Array, expand: tuple[Array, Array, Array], depthwise:
     call = _call("fused_block", "manifold_fused_block_fwd", out)
     return call(x, *expand, *depthwise, *project, **conv_attrs(stride, pads), expand_mode=np.int64(expand_mode),
                 residual=np.int64(residual), **clamps)
+
+
+def _train_attrs(stride: int, pads: Pads, residual: int, bounds: tuple[tuple[float, float], ...]) -> dict:
+    clamps = {f"{name}_{side}": np.float32(value) for name, pair in zip("ed", bounds)
+              for side, value in zip(("lo", "hi"), pair)}
+    return dict(**conv_attrs(stride, pads), residual=np.int64(residual), **clamps)
+
+
+def fused_block_train_stats(x: Array, expand: tuple[Array, Array, Array], taps: Array,
+                            out_hw: tuple[int, int], e_bounds: tuple[float, float], stride: int, pads: Pads
+                            ) -> Array:
+    """``[2, E]``: the batch mean and variance of the raw depthwise sums of a block in training
+    (``fused_block_train.cc``), from ``x``, the expansion's (weights, batch scale, batch bias) and
+    ``taps`` ``[3, 3, E]``; the block's depthwise output is ``out_hw`` pixels."""
+    call = _call("fused_block_train", "manifold_fused_block_train_stats", _matrix(2, taps.shape[-1]))
+    return call(x, *expand, taps, out_h=np.int64(out_hw[0]), out_w=np.int64(out_hw[1]),
+                **conv_attrs(stride, pads), e_lo=np.float32(e_bounds[0]), e_hi=np.float32(e_bounds[1]))
+
+
+def fused_block_train_bwd_sums(x: Array, expand: tuple[Array, Array, Array], depthwise: tuple[Array, Array, Array],
+                               project_t: Array, gp: Array, bounds: tuple[tuple[float, float], ...], stride: int,
+                               pads: Pads, residual: int) -> tuple[Array, Array]:
+    """(projection weight gradient ``[E, C]``, ``[2, E]``: the depthwise BatchNorm's sums of ``u``
+    and ``u * r``) for the gradient ``gp`` of the raw projection; ``project_t`` is ``W_p^T``."""
+    e, c = project_t.shape[1], project_t.shape[0]
+    call = _call("fused_block_train", "manifold_fused_block_train_bwd_sums", (_matrix(e, c), _matrix(2, e)))
+    return tuple(call(x, *expand, *depthwise, project_t, gp, **_train_attrs(stride, pads, residual, bounds)))
+
+
+def fused_block_train_bwd(x: Array, expand: tuple[Array, Array, Array], depthwise: tuple[Array, Array, Array],
+                          project_t: Array, gp: Array, coef: Array, bounds: tuple[tuple[float, float], ...],
+                          stride: int, pads: Pads, residual: int) -> tuple[Array, Array, Array]:
+    """(``G`` shaped like ``x``, ``[(C_in + 9) * E]``: the expansion weight gradient's ``x^T (s_e * v)``
+    then the tap gradient, ``[2, E]``: the expansion BatchNorm's sums of ``v`` and ``v * z``), with
+    ``coef`` ``[3, E]`` the depthwise BatchNorm backward's (alpha, beta, gamma)."""
+    e, cin = expand[0].shape[1], x.shape[-1]
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(((cin + 9) * e,), jnp.float32),
+              _matrix(2, e))
+    call = _call("fused_block_train", "manifold_fused_block_train_bwd", shapes)
+    return tuple(call(x, expand[0], expand[0].T, *expand[1:], *depthwise, project_t, gp, coef,
+                      **_train_attrs(stride, pads, residual, bounds)))
+
+
+def _matrix(rows: int, cols: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((rows, cols), jnp.float32)

@@ -25,258 +25,19 @@
 // of the depthwise input outside the image are zero (padding after the expansion's activation,
 // as in the unfused network).
 //
-// Matrix products: register-blocked AVX-512 tiles (up to 8 x 48, 12 x 32 or 16 x 16 outputs in
-// 24 zmm accumulators, the A operand broadcast from memory, no packing), with masked loads and
-// stores for widths that are not a multiple of 16, and ymm vectors for a last 8 columns.
-
-#if !defined(__AVX512F__)
-#error "the fused block kernel needs AVX-512 (-march=native on a CPU with avx512f)"
-#endif
-
-#include <immintrin.h>
+// Matrix products: gemm_tiles.h; the strips, slices and rows: block_strips.h.
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "block_strips.h"
 #include "common.h"
 
 namespace {
 
 using manifold::ParallelFor;
-
-struct Block {
-  int64_t n, h, w, cin, e, cout, oh, ow, stride, pad_top, pad_left;
-  int64_t expand_mode, residual;
-  const float *x, *we, *se, *be, *taps, *sd, *bd, *wp, *sp, *bp;
-  float e_lo, e_hi, d_lo, d_hi, p_lo, p_hi;
-  float* y;
-};
-
-// How the work is cut: tasks of output rows (strips of an image, or several whole images),
-// groups of expanded channels (each task of a group writes a partial projection, summed after),
-// slices of ec channels per pass.
-struct Plan {
-  int64_t rows_per_strip, strips, images, tasks, groups, ec, padded_w;
-  int64_t batch_rows;  // depthwise output rows per projection product (at least kMinPixels rows)
-};
-
-enum class Epi { kStore, kAdd, kScaleBiasClamp };
-
-inline __mmask16 TailMask(int64_t rem) {
-  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
-}
-
-// The last vector of a tile row, masked by `last` (columns past N): 16 lanes (zmm), or 8 (ymm)
-// where at most 8 columns are left, which Zen 4 multiplies at twice the rate of a zmm (so that
-// 24 columns cost 1.5 zmm, not 2).
-struct Lanes16 {
-  using V = __m512;
-  static V Zero() { return _mm512_setzero_ps(); }
-  static V Narrow(__m512 v) { return v; }
-  static V Load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static void Store(float* p, __mmask16 m, V v) { _mm512_mask_storeu_ps(p, m, v); }
-  static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V Add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V Clamp(V v, V lo, V hi) { return _mm512_min_ps(_mm512_max_ps(v, lo), hi); }
-};
-
-struct Lanes8 {
-  using V = __m256;
-  static V Zero() { return _mm256_setzero_ps(); }
-  static V Narrow(__m512 v) { return _mm512_castps512_ps256(v); }
-  static V Load(__mmask16 m, const float* p) { return _mm256_maskz_loadu_ps(static_cast<__mmask8>(m), p); }
-  static void Store(float* p, __mmask16 m, V v) { _mm256_mask_storeu_ps(p, static_cast<__mmask8>(m), v); }
-  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V Add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V Clamp(V v, V lo, V hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
-};
-
-// Epilogue of one output vector: =, += or scale, bias and clamp.
-template <typename L, Epi E>
-inline void Put(float* out, __mmask16 m, typename L::V r, const float* scale, const float* bias, typename L::V lo,
-                typename L::V hi) {
-  if constexpr (E == Epi::kAdd) r = L::Add(r, L::Load(m, out));
-  if constexpr (E == Epi::kScaleBiasClamp) r = L::Clamp(L::Fma(r, L::Load(m, scale), L::Load(m, bias)), lo, hi);
-  L::Store(out, m, r);
-}
-
-// C[MR x (NV-1)*16 + last] (E) A[MR x K] @ B[K x same]: NV - 1 full zmm vectors and one Last.
-template <int MR, int NV, typename Last, Epi E>
-inline void Tile(int64_t k_len, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                 int64_t ldc, __mmask16 last, const float* scale, const float* bias, __m512 lo, __m512 hi) {
-  constexpr int kFull = NV - 1;
-  __m512 acc[MR][kFull > 0 ? kFull : 1];
-  typename Last::V tail[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 16
-    for (int v = 0; v < kFull; ++v) acc[i][v] = _mm512_setzero_ps();
-    tail[i] = Last::Zero();
-  }
-  for (int64_t k = 0; k < k_len; ++k) {
-    __m512 bv[kFull > 0 ? kFull : 1];
-    const float* brow = b + k * ldb;
-#pragma GCC unroll 16
-    for (int v = 0; v < kFull; ++v) bv[v] = _mm512_loadu_ps(brow + 16 * v);
-    const typename Last::V bt = Last::Load(last, brow + 16 * kFull);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
-#pragma GCC unroll 16
-      for (int v = 0; v < kFull; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
-      tail[i] = Last::Fma(Last::Narrow(av), bt, tail[i]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 16
-    for (int v = 0; v < kFull; ++v) {
-      Put<Lanes16, E>(c + i * ldc + 16 * v, 0xFFFF, acc[i][v], scale + 16 * v, bias + 16 * v, lo, hi);
-    }
-    Put<Last, E>(c + i * ldc + 16 * kFull, last, tail[i], scale + 16 * kFull, bias + 16 * kFull,
-                 Last::Narrow(lo), Last::Narrow(hi));
-  }
-}
-
-// The last rows (fewer than MR) of a column block, by the tile of exactly that height.
-template <int R, int NV, typename Last, Epi E>
-inline void TailRows(int64_t rows, int64_t k_len, const float* a, int64_t lda, const float* b, int64_t ldb,
-                     float* c, int64_t ldc, __mmask16 last, const float* scale, const float* bias, __m512 lo,
-                     __m512 hi) {
-  if constexpr (R > 0) {
-    if (rows == R) return Tile<R, NV, Last, E>(k_len, a, lda, b, ldb, c, ldc, last, scale, bias, lo, hi);
-    TailRows<R - 1, NV, Last, E>(rows, k_len, a, lda, b, ldb, c, ldc, last, scale, bias, lo, hi);
-  }
-}
-
-// All M rows of one block of NV vectors of columns (the last a Last, masked by `last`).
-template <int NV, typename Last, Epi E>
-void ColumnBlock(int64_t m, int64_t k_len, const float* a, int64_t lda, const float* b, int64_t ldb,
-                 float* c, int64_t ldc, __mmask16 last, const float* scale, const float* bias, __m512 lo,
-                 __m512 hi) {
-  constexpr int kRows = NV == 3 ? 8 : (NV == 2 ? 12 : 16);  // 24 or 16 accumulators
-  int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) {
-    Tile<kRows, NV, Last, E>(k_len, a + i * lda, lda, b, ldb, c + i * ldc, ldc, last, scale, bias, lo, hi);
-  }
-  TailRows<kRows - 1, NV, Last, E>(m - i, k_len, a + i * lda, lda, b, ldb, c + i * ldc, ldc, last, scale, bias,
-                                   lo, hi);
-}
-
-template <typename Last, Epi E>
-void ColumnBlockOf(int nv, int64_t m, int64_t k_len, const float* a, int64_t lda, const float* b, int64_t ldb,
-                   float* c, int64_t ldc, __mmask16 last, const float* scale, const float* bias, __m512 lo,
-                   __m512 hi) {
-  if (nv == 3) ColumnBlock<3, Last, E>(m, k_len, a, lda, b, ldb, c, ldc, last, scale, bias, lo, hi);
-  else if (nv == 2) ColumnBlock<2, Last, E>(m, k_len, a, lda, b, ldb, c, ldc, last, scale, bias, lo, hi);
-  else ColumnBlock<1, Last, E>(m, k_len, a, lda, b, ldb, c, ldc, last, scale, bias, lo, hi);
-}
-
-// C[M x N] (E) A[M x K] @ B[K x N], row-major with leading dimensions; scale, bias and the clamp
-// [lo, hi] for Epi::kScaleBiasClamp. Column blocks of up to 48; a last block ending in at most 8
-// columns takes them as a ymm vector.
-template <Epi E>
-void Gemm(int64_t m, int64_t n, int64_t k_len, const float* a, int64_t lda, const float* b, int64_t ldb,
-          float* c, int64_t ldc, const float* scale = nullptr, const float* bias = nullptr, float lo = 0.0f,
-          float hi = 0.0f) {
-  const __m512 lov = _mm512_set1_ps(lo), hiv = _mm512_set1_ps(hi);
-  for (int64_t j = 0; j < n;) {
-    const int64_t rem = n - j;
-    const int nv = static_cast<int>(std::min<int64_t>(3, (rem + 15) / 16));
-    const int64_t last_lanes = std::min<int64_t>(16, rem - 16 * (nv - 1));
-    const __mmask16 last = TailMask(last_lanes);
-    const float* sj = scale ? scale + j : nullptr;
-    const float* bj = bias ? bias + j : nullptr;
-    if (last_lanes <= 8) {
-      ColumnBlockOf<Lanes8, E>(nv, m, k_len, a, lda, b + j, ldb, c + j, ldc, last, sj, bj, lov, hiv);
-    } else {
-      ColumnBlockOf<Lanes16, E>(nv, m, k_len, a, lda, b + j, ldb, c + j, ldc, last, sj, bj, lov, hiv);
-    }
-    j += 16 * nv;
-  }
-}
-
-// Per-thread buffers: the ring of three expanded rows (padded columns zero; tags: which image row
-// each slot holds), a zero row for rows outside the image, and the depthwise output rows of one
-// projection product.
-struct Scratch {
-  std::vector<float> ring, zero, d;
-  int64_t tags[3];
-};
-
-// Expanded input row r of image n, channels [c0, c0 + ec), into `dst` (padded_w x ec, the
-// image's columns from pad_left, the rest zero).
-void ExpandRow(const Block& b, const Plan& p, int64_t n, int64_t r, int64_t c0, int64_t ec, float* dst) {
-  std::fill(dst, dst + b.pad_left * ec, 0.0f);
-  std::fill(dst + (b.pad_left + b.w) * ec, dst + p.padded_w * ec, 0.0f);
-  const float* xrow = b.x + (n * b.h + r) * b.w * b.cin;
-  float* out = dst + b.pad_left * ec;
-  if (b.expand_mode == 0) {
-    Gemm<Epi::kScaleBiasClamp>(b.w, ec, b.cin, xrow, b.cin, b.we + c0, b.e, out, ec, b.se + c0, b.be + c0, b.e_lo,
-                               b.e_hi);
-    return;
-  }
-  const __m512 lo = _mm512_set1_ps(b.e_lo), hi = _mm512_set1_ps(b.e_hi);
-  for (int64_t col = 0; col < b.w; ++col) {
-    for (int64_t c = 0; c < ec; c += 16) {  // channels at or past cin are padding: zero
-      const __mmask16 m = TailMask(std::max<int64_t>(0, b.cin - (c0 + c)));
-      const __m512 v = _mm512_maskz_loadu_ps(m, xrow + col * b.cin + c0 + c);
-      __m512 z = _mm512_fmadd_ps(v, _mm512_loadu_ps(b.se + c0 + c), _mm512_loadu_ps(b.be + c0 + c));
-      z = _mm512_maskz_mov_ps(m, _mm512_min_ps(_mm512_max_ps(z, lo), hi));
-      _mm512_storeu_ps(out + col * ec + c, z);
-    }
-  }
-}
-
-// The three expanded rows output row oh reads (the zero row outside the image), computed once
-// per pass through the ring.
-void RowsFor(const Block& b, const Plan& p, Scratch& s, int64_t n, int64_t oh, int64_t c0, int64_t ec,
-             const float* rows[3]) {
-  for (int64_t i = 0; i < 3; ++i) {
-    const int64_t r = oh * b.stride + i - b.pad_top;
-    if (r < 0 || r >= b.h) {
-      rows[i] = s.zero.data();
-      continue;
-    }
-    const int64_t slot = r % 3, id = n * b.h + r;
-    float* dst = s.ring.data() + slot * p.padded_w * ec;
-    if (s.tags[slot] != id) {
-      ExpandRow(b, p, n, r, c0, ec, dst);
-      s.tags[slot] = id;
-    }
-    rows[i] = dst;
-  }
-}
-
-// One output row of the depthwise layer on channels [c0, c0 + ec): d = clamp_d(sum of the nine
-// taps * s_d + b_d) (+ the expanded pixel itself under the inner shortcut), into d (ow x ec).
-void DepthwiseRow(const Block& b, const float* rows[3], int64_t c0, int64_t ec, float* d) {
-  const __m512 lo = _mm512_set1_ps(b.d_lo), hi = _mm512_set1_ps(b.d_hi);
-  const int64_t step = b.stride * ec;
-  for (int64_t c = 0; c < ec; c += 16) {
-    __m512 w[9];
-    for (int t = 0; t < 9; ++t) w[t] = _mm512_loadu_ps(b.taps + t * b.e + c0 + c);
-    const __m512 scale = _mm512_loadu_ps(b.sd + c0 + c), bias = _mm512_loadu_ps(b.bd + c0 + c);
-    const float* r0 = rows[0] + c;
-    const float* r1 = rows[1] + c;
-    const float* r2 = rows[2] + c;
-    for (int64_t o = 0; o < b.ow; ++o) {
-      const int64_t base = o * step;
-      __m512 acc = _mm512_setzero_ps();
-      for (int j = 0; j < 3; ++j) {
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + base + j * ec), w[j], acc);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + base + j * ec), w[3 + j], acc);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + base + j * ec), w[6 + j], acc);
-      }
-      acc = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(acc, scale, bias), lo), hi);
-      if (b.residual == 2) {
-        acc = _mm512_add_ps(acc, _mm512_loadu_ps(rows[b.pad_top] + (o + b.pad_left) * ec + c));
-      }
-      _mm512_storeu_ps(d + o * ec + c, acc);
-    }
-  }
-}
+using namespace manifold::strips;
 
 // y = clamp_p(acc * s_p + b_p) (+ x) on `pixels` pixels from pixel index `first`, acc read from
 // `acc` (the strip's accumulator) plus the partial sums of the other groups.
@@ -312,6 +73,7 @@ void RunTask(const Block& b, const Plan& p, int64_t g0, int64_t g1, int64_t grou
   s.d.resize(p.batch_rows * b.ow * p.ec);
   const int64_t slices = b.e / 16;
   const int64_t e0 = 16 * (slices * group / p.groups), e1 = 16 * (slices * (group + 1) / p.groups);
+  const DwMap map{b.sd, b.bd, b.d_lo, b.d_hi, b.residual == 2};
   for (int64_t c0 = e0; c0 < e1; c0 += p.ec) {
     const int64_t ec = std::min(p.ec, e1 - c0);
     std::fill(s.tags, s.tags + 3, -1);
@@ -320,7 +82,7 @@ void RunTask(const Block& b, const Plan& p, int64_t g0, int64_t g1, int64_t grou
       for (int64_t q = 0; q < count; ++q) {
         const float* rows[3];
         RowsFor(b, p, s, (g + q) / b.oh, (g + q) % b.oh, c0, ec, rows);
-        DepthwiseRow(b, rows, c0, ec, s.d.data() + q * b.ow * ec);
+        DepthwiseRow(b, rows, c0, ec, map, s.d.data() + q * b.ow * ec);
       }
       float* out = acc + (g - g0) * b.ow * b.cout;  // the rows' accumulators are contiguous
       const float* w = b.wp + c0 * b.cout;
@@ -330,50 +92,8 @@ void RunTask(const Block& b, const Plan& p, int64_t g0, int64_t g1, int64_t grou
   }
 }
 
-constexpr int64_t kSliceBytes = 384 << 10;  // weights of a slice, and its ring of rows
-constexpr int64_t kTaskBytes = 256 << 10;   // a task's projection accumulator
-constexpr int64_t kMinPixels = 48;          // rows of the projection's products, at least
-
-// Slices: the widest multiple of 16 whose weights and row ring fit kSliceBytes. Tasks: strips of
-// an image as tall as kTaskBytes allows, or whole images, as many as fit kTaskBytes while every
-// thread gets two tasks. Groups: where there are fewer tasks than threads, the expanded channels
-// are shared out between tasks instead of cutting the image into thin strips (whose halo rows
-// would be expanded twice).
-Plan MakePlan(const Block& b, int64_t threads) {
-  Plan p;
-  p.padded_w = std::max(b.pad_left + b.w, (b.ow - 1) * b.stride + 3);
-  const int64_t per_channel = 4 * (b.cin + b.cout + 10) + 4 * 4 * p.padded_w;
-  p.ec = std::clamp<int64_t>(kSliceBytes / per_channel / 16 * 16, 16, b.e);
-  const int64_t row_bytes = std::max<int64_t>(1, b.ow * b.cout * 4);
-  p.rows_per_strip = std::clamp<int64_t>(kTaskBytes / row_bytes, 1, b.oh);
-  p.strips = (b.oh + p.rows_per_strip - 1) / p.rows_per_strip;
-  p.rows_per_strip = (b.oh + p.strips - 1) / p.strips;  // even strips
-  p.images = 1;
-  if (p.strips == 1) {
-    const int64_t fit = std::max<int64_t>(1, kTaskBytes / (b.oh * row_bytes));
-    p.images = std::clamp<int64_t>(b.n / (2 * threads), 1, fit);
-  }
-  p.tasks = p.strips * ((b.n + p.images - 1) / p.images);
-  p.batch_rows = (kMinPixels + b.ow - 1) / b.ow;
-  p.groups = 1;
-  if (p.tasks < threads) p.groups = std::min<int64_t>(b.e / 16, (threads + p.tasks - 1) / p.tasks);
-  return p;
-}
-
-// The output rows [g0, g1) of task t: a strip of one image, or whole images.
-void TaskRows(const Block& b, const Plan& p, int64_t t, int64_t* g0, int64_t* g1) {
-  if (p.strips > 1) {
-    const int64_t n = t / p.strips, strip = t % p.strips;
-    *g0 = n * b.oh + strip * p.rows_per_strip;
-    *g1 = std::min(n * b.oh + b.oh, *g0 + p.rows_per_strip);
-    return;
-  }
-  *g0 = t * p.images * b.oh;
-  *g1 = std::min(b.n, (t + 1) * p.images) * b.oh;
-}
-
 void Run(ffi::ThreadPool& pool, const Block& b) {
-  const Plan p = MakePlan(b, std::max<int64_t>(1, pool.num_threads()));
+  const Plan p = MakePlan(b, std::max<int64_t>(1, pool.num_threads()), true);
   const int64_t out_elems = b.n * b.oh * b.ow * b.cout;
   std::vector<float> partial((p.groups - 1) * out_elems);
   ParallelFor(pool, p.tasks * p.groups, [&](int64_t t) {

@@ -33,7 +33,7 @@ Array = jax.Array
 _UNBOUNDED = activation_spec("linear")
 
 
-def _bounds(act: str) -> tuple[float, float]:
+def clamp_bounds(act: str) -> tuple[float, float]:
     spec = activation_spec(act)
     return spec.lo, spec.hi
 
@@ -86,8 +86,8 @@ def fused_inference_depthwise(x: Array, kernel: Array, *, stride: int, padding: 
     input itself. Neither the depthwise input nor its raw output is written out."""
     pads = spatial_pads(x.shape, kernel.shape[0], stride, padding)
     in_map = folded_batch_norm(in_bn) if in_bn is not None else None
-    return ffi.depthwise_forward_fused(x, kernel[:, :, 0, :], in_map, folded_batch_norm(out_bn), _bounds(in_act),
-                                       _bounds(out_act), stride, pads)
+    return ffi.depthwise_forward_fused(x, kernel[:, :, 0, :], in_map, folded_batch_norm(out_bn), clamp_bounds(in_act),
+                                       clamp_bounds(out_act), stride, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -105,7 +105,7 @@ def _bn_act_depthwise_fwd(x, taps, scale, bias, epsilon, act, stride, pads):
     mean, var = bn_stats(x, True)
     a, shift, _ = input_map(scale, bias, mean, var, epsilon)
     ones, zeros = jnp.ones_like(a), jnp.zeros_like(a)
-    y = ffi.depthwise_forward_fused(x, taps, (a, shift), (ones, zeros), _bounds(act),
+    y = ffi.depthwise_forward_fused(x, taps, (a, shift), (ones, zeros), clamp_bounds(act),
                                     (_UNBOUNDED.lo, _UNBOUNDED.hi), stride, pads)
     return (y, mean, var), (x, taps, scale, bias, mean, var)
 
@@ -113,7 +113,7 @@ def _bn_act_depthwise_fwd(x, taps, scale, bias, epsilon, act, stride, pads):
 def _bn_act_depthwise_bwd(epsilon, act, stride, pads, residuals, cotangents):
     x, taps, scale, bias, mean, var = residuals
     a, shift, rstd = input_map(scale, bias, mean, var, epsilon)
-    gz, grad_taps, sums = ffi.depthwise_backward_fused(x, taps, cotangents[0], a, shift, _bounds(act), stride, pads)
+    gz, grad_taps, sums = ffi.depthwise_backward_fused(x, taps, cotangents[0], a, shift, clamp_bounds(act), stride, pads)
     grad_x, grad_scale = bn_input_grad(x, gz, a, rstd, mean, sums[0], sums[1])
     return grad_x, grad_taps, grad_scale, sums[0]
 
@@ -126,7 +126,7 @@ bn_act_depthwise_train.defvjp(_bn_act_depthwise_fwd, _bn_act_depthwise_bwd)
 FUSED_SHORTCUTS: dict[str | None, int] = {None: 0, "bottleneck": 1, "inner": 2}
 
 
-def _pad_expanded(a: Array, axis: int, width: int) -> Array:
+def pad_expanded(a: Array, axis: int, width: int) -> Array:
     """``a`` with zeros appended on ``axis`` up to ``width`` (``a`` itself where it is that wide)."""
     if a.shape[axis] == width:
         return a
@@ -154,10 +154,10 @@ def fused_inference_block(x: Array, *, expand_kernel: Array | None, expand_bn: n
     else:
         expand_map = (jnp.ones((channels,), jnp.float32), jnp.zeros((channels,), jnp.float32))
     expand_weights = expand_kernel[0, 0] if expand_kernel is not None else expand_map[0][None]
-    expand = (_pad_expanded(expand_weights, 1, width), *(_pad_expanded(v, 0, width) for v in expand_map))
-    depthwise = (_pad_expanded(dw_kernel[:, :, 0, :], 2, width),
-                 *(_pad_expanded(v, 0, width) for v in folded_batch_norm(dw_bn)))
-    project = (_pad_expanded(project_kernel[0, 0], 0, width), *folded_batch_norm(project_bn))
-    bounds = tuple(_bounds(act) for act in (expand_act, dw_act, project_act))
+    expand = (pad_expanded(expand_weights, 1, width), *(pad_expanded(v, 0, width) for v in expand_map))
+    depthwise = (pad_expanded(dw_kernel[:, :, 0, :], 2, width),
+                 *(pad_expanded(v, 0, width) for v in folded_batch_norm(dw_bn)))
+    project = (pad_expanded(project_kernel[0, 0], 0, width), *folded_batch_norm(project_bn))
+    bounds = tuple(clamp_bounds(act) for act in (expand_act, dw_act, project_act))
     return ffi.fused_block_forward(x, expand, depthwise, project, bounds, stride, pads,
                                    int(expand_kernel is None), FUSED_SHORTCUTS[shortcut])
