@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from timing import Timing, time_calls  # noqa: E402
+from timing import Timing, matmul_ceiling, time_calls  # noqa: E402
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main  # noqa: E402
 from manifold_lab.costs.analytic import model_costs  # noqa: E402
 from manifold_lab.costs.memory_bounds import memory_bounds  # noqa: E402
@@ -49,13 +49,6 @@ from manifold_lab.models.mobilenet_v2 import InvertedResidual  # noqa: E402
 def _fmt(t: Timing) -> str:
     med, lo, hi = (1e3 * v for v in t)
     return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
-
-
-def matmul_ceiling(repeats: int) -> float:
-    """GFLOP/s of XLA's float32 matmul of two 2048 x 2048 matrices (the machine's practical peak)."""
-    a, b = (jax.random.normal(jax.random.key(i), (2048, 2048), jnp.float32) for i in range(2))
-    dot = jax.jit(jnp.dot)
-    return 2 * 2048**3 / time_calls(lambda: dot(a, b), repeats)[1] / 1e9  # the fastest call: a peak
 
 
 def randomize_statistics(module: nnx.Module, key: jax.Array) -> None:

@@ -20,8 +20,13 @@ Each figure is ``batch / median`` step time over ``--repeats`` steps after ``--w
 spread (images/s of the slowest and fastest step). The script re-executes itself once under
 jemalloc (or glibc huge pages where jemalloc is not installed; see :mod:`manifold_lab.allocator`). It
 applies to every framework in the run; ``MANIFOLD_LAB_ALLOCATOR=system`` measures without.
-Ratios are ours / the fastest peer (above 1: ours is faster). The 1-minute load average is printed
-with every figure: other processes on the machine make numbers noisy.
+Ratios are ours / the fastest peer (above 1: ours is faster). The ceiling column places each case
+against the machine's arithmetic peak (XLA's float32 2048^3 matmul, measured at the start of the
+run): the images/s that the case's floating-point operations would allow at that peak (2 per
+multiply-add of the forward pass, 6 in training), and the share of it that ours reaches and that
+twice the fastest peer would need (above 100%: 2x that peer is out of reach on this machine). The
+1-minute load average is printed with every figure: other processes on the machine make numbers
+noisy.
 
     .venv/bin/python benchmarks/train_throughput.py [--cases a,b,c] [--quick] [--json out.json]
         [--peers keras,torch] [--torch-threads 1,all] [--no-torch-compile] [--budget 60]
@@ -54,6 +59,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from manifold_lab.atomic import atomic_write_json  # noqa: E402
+from manifold_lab.costs.analytic import model_costs  # noqa: E402
 from manifold_lab.cli import ArgumentParser, UsageError, positive_int, run_main  # noqa: E402
 from manifold_lab.models import MobileNetV2Config, build_model, model_config  # noqa: E402
 from manifold_lab.models.config import BLOCK_IMPLS  # noqa: E402
@@ -62,6 +68,8 @@ from manifold_lab.train.optim import make_optimizer  # noqa: E402
 from manifold_lab.train.step import make_train_step, split_state  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import matmul_ceiling  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,11 @@ class Case:
     def config(self, block_impl: str = "auto") -> MobileNetV2Config:
         return model_config("mobilenet_v2", width=self.width, layout="imagenet", num_classes=self.classes,
                             in_channels=3, block_impl=block_impl)
+
+    def flops(self, train: bool) -> float:
+        """Floating-point operations per image: 2 per multiply-add of the forward pass, 6 in
+        training (the forward pass and the input and weight gradients)."""
+        return (6 if train else 2) * model_costs(self.config(), self.size).madds
 
     def label(self) -> str:
         return f"({self.name}) {self.size}px w{self.width:g} {self.classes}cls b{self.batch}"
@@ -118,9 +131,9 @@ def measure(step: Callable[[], Any], batch: int, warmup: int, repeats: int, budg
 
 
 # ----------------------------------------------------------------------------------------- ours
-def ours_train(case: Case) -> Callable[[], None]:
-    """A closure running one step of the project's jitted, donated train step."""
-    model = build_model(case.config(), rngs=nnx.Rngs(0))
+def ours_train(case: Case, block_impl: str = "auto") -> Callable[[], None]:
+    """A closure running one step of the project's jitted, donated train step, blocks by ``block_impl``."""
+    model = build_model(case.config(block_impl), rngs=nnx.Rngs(0))
     graphdef, params, stats = split_state(model)  # the engine's state form
     tx, _ = make_optimizer(TrainConfig(dataset="imagefolder").resolved(), 1000, 10000)
     step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0, 1, 2))
@@ -255,7 +268,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--block-impl", choices=BLOCK_IMPLS, default="auto",
-                        help="our inference blocks: auto (fused where faster), plain or fused")
+                        help="our blocks: auto (fused where faster), plain or fused")
     parser.add_argument("--modes", default="train,inference", help="comma-separated subset of train,inference")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -291,10 +304,12 @@ def bench(settings: Settings, label: str, make: Callable[[], Callable[[], None]]
     return r
 
 
-def measure_mode(settings: Settings, case: Any, mode: str) -> dict[str, Any]:
-    """Ours and every installed peer on one case in one mode, with the ratio to the fastest peer."""
+def measure_mode(settings: Settings, case: Any, mode: str, ceiling: float) -> dict[str, Any]:
+    """Ours and every installed peer on one case in one mode, with the ratio to the fastest peer
+    and, against the matmul ceiling (``ceiling`` GFLOP/s), the images/s that the case's
+    floating-point operations allow and the share of it that ours and twice the fastest peer are."""
     train = mode == "train"
-    make_ours = (lambda: ours_train(case)) if train else (lambda: ours_infer(case, settings.block_impl))
+    make_ours = (lambda: (ours_train if train else ours_infer)(case, settings.block_impl))
     figs: dict[str, Any] = {"ours": bench(settings, f"{mode} ours", make_ours, case.batch)}
     if settings.peers.get("keras"):
         figs["keras_jax"] = bench(settings, f"{mode} keras/jax",
@@ -313,13 +328,20 @@ def measure_mode(settings: Settings, case: Any, mode: str) -> dict[str, Any]:
         fastest = max(peer_figs, key=lambda k: peer_figs[k]["images_per_s"])
         figs["fastest_peer"] = fastest
         figs["ratio_vs_fastest_peer"] = figs["ours"]["images_per_s"] / peer_figs[fastest]["images_per_s"]
+    figs["ceiling_images_per_s"] = ceiling * 1e9 / case.flops(train)
+    if figs["ours"]:
+        figs["ours_share_of_ceiling"] = figs["ours"]["images_per_s"] / figs["ceiling_images_per_s"]
+    if peer_figs:
+        best_peer = max(r["images_per_s"] for r in peer_figs.values())
+        figs["twice_peer_share_of_ceiling"] = 2 * best_peer / figs["ceiling_images_per_s"]
     return figs
 
 
 def print_table(cases: dict[str, Any]) -> None:
     print()
-    print("| case | mode | ours | keras/jax | pytorch (best variant) | ours / fastest peer | load |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | mode | ours | keras/jax | pytorch (best variant) | ours / fastest peer | ceiling img/s: "
+          "ours, 2x peer | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, entry in cases.items():
         for mode in ("train", "inference"):
             if mode not in entry:
@@ -328,8 +350,10 @@ def print_table(cases: dict[str, Any]) -> None:
             torch_txt = fmt(f.get("pytorch")) + (f" {f['pytorch']['variant']}" if f.get("pytorch") else "")
             ratio = f"{f['ratio_vs_fastest_peer']:.2f}x" if "ratio_vs_fastest_peer" in f else "-"
             loads = [r["load_avg_1m"] for k, r in f.items() if isinstance(r, dict) and "load_avg_1m" in r]
+            shares = " / ".join(f"{f[k]:.0%}" if k in f else "-"
+                                for k in ("ours_share_of_ceiling", "twice_peer_share_of_ceiling"))
             print(f"| {CASES[name].label()} | {mode} | {fmt(f['ours'])} | {fmt(f.get('keras_jax'))} | {torch_txt} "
-                  f"| {ratio} | {min(loads):.1f}-{max(loads):.1f} |")
+                  f"| {ratio} | {f['ceiling_images_per_s']:,.0f}: {shares} | {min(loads):.1f}-{max(loads):.1f} |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -342,12 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": settings.repeats, "warmup": settings.warmup, "block_impl": settings.block_impl, "cases": {}}
     print(f"JAX {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; images/s, median "
           f"(slowest-fastest step) of {settings.repeats} after {settings.warmup} warm-up; load = 1-min load average")
+    ceiling = matmul_ceiling(5)
+    results["matmul_ceiling_gflops"] = ceiling
+    print(f"matmul ceiling (XLA float32 2048^3, fastest of 5): {ceiling:.1f} GFLOP/s")
     for name in settings.names:
         case = CASES[name]
         print(case.label(), flush=True)
         entry: dict[str, Any] = {"case": dataclasses.asdict(case)}
         for mode in [m for m in settings.modes if m == "train" or case.inference]:
-            entry[mode] = measure_mode(settings, case, mode)
+            entry[mode] = measure_mode(settings, case, mode, ceiling)
         results["cases"][name] = entry
     print_table(results["cases"])
     if settings.json is not None:

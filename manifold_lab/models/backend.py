@@ -259,9 +259,10 @@ def backend_for(impl: str, platform: str | None = None, block_impl: str = "auto"
 FUSED_MIN_WIDTH = 2
 
 #: Training: the fused passes compute the expanded tiles four times (statistics, forward, two
-#: backward passes), which pays where the plain layers are bound by memory traffic: the
-#: benchmark's ``--train`` table (batch 32, 224 px) measured the 112 and 56 px wide block inputs
-#: at 1.06-1.19x the plain layers and the 28 px and narrower ones at 0.71-0.93x.
+#: backward passes), which pays only where the plain layers are bound by memory traffic: two runs
+#: of the benchmark's ``--train`` table (batch 32, 224 px) measured the 112 px wide input at
+#: 1.08-1.20x the plain layers, the 56 px ones at 0.98-1.19x, the 28 px ones at 0.84-1.13x and
+#: the narrower ones at 0.67-0.93x.
 FUSED_TRAIN_MIN_WIDTH = 56
 
 
