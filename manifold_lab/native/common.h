@@ -85,6 +85,26 @@ inline auto StridedConvBinding() {
       .Attr<int64_t>("pad_left");
 }
 
+// A binding with N (at least 1) more float32 buffer arguments, or results: for the kernels that
+// take many. (Bindings cannot be copied or moved, only extended: each step returns a new one.)
+template <int N, typename B>
+auto WithF32Args(B&& b) {
+  if constexpr (N == 1) {
+    return std::move(b).template Arg<ffi::Buffer<ffi::F32>>();
+  } else {
+    return WithF32Args<N - 1>(std::move(b).template Arg<ffi::Buffer<ffi::F32>>());
+  }
+}
+
+template <int N, typename B>
+auto WithF32Rets(B&& b) {
+  if constexpr (N == 1) {
+    return std::move(b).template Ret<ffi::Buffer<ffi::F32>>();
+  } else {
+    return WithF32Rets<N - 1>(std::move(b).template Ret<ffi::Buffer<ffi::F32>>());
+  }
+}
+
 // 16 floats in one (AVX-512) or two (AVX2, NEON: four) vector registers; aligned(4) makes loads
 // and stores through a pointer to it unaligned ones.
 typedef float Vec __attribute__((vector_size(64), aligned(4)));

@@ -160,19 +160,8 @@ ffi::Error FusedBlockForward(ffi::ThreadPool pool, Vector x, Vector we, Vector s
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldFusedBlockForward, FusedBlockForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              manifold::WithF32Rets<1>(
+                                  manifold::WithF32Args<10>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")

@@ -492,15 +492,25 @@ ffi::Error Bwd(ffi::ThreadPool pool, Vector x, Vector we, Vector we_t, Vector se
 
 }  // namespace
 
+// The attributes of the two backward calls.
+template <typename B>
+auto WithTrainAttrs(B&& b) {
+  return std::move(b)
+      .template Attr<int64_t>("stride")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<int64_t>("residual")
+      .template Attr<float>("e_lo")
+      .template Attr<float>("e_hi")
+      .template Attr<float>("d_lo")
+      .template Attr<float>("d_hi");
+}
+
+using manifold::WithF32Args;
+using manifold::WithF32Rets;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldFusedBlockTrainStats, Stats,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Ret<Vector>()
+                              WithF32Rets<1>(WithF32Args<5>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
                                   .Attr<int64_t>("out_h")
                                   .Attr<int64_t>("out_w")
                                   .Attr<int64_t>("stride")
@@ -510,50 +520,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldFusedBlockTrainStats, Stats,
                                   .Attr<float>("e_hi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldFusedBlockTrainBwdSums, BwdSums,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Ret<Vector>()
-                                  .Ret<Vector>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("residual")
-                                  .Attr<float>("e_lo")
-                                  .Attr<float>("e_hi")
-                                  .Attr<float>("d_lo")
-                                  .Attr<float>("d_hi"));
+                              WithTrainAttrs(WithF32Rets<2>(WithF32Args<9>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ManifoldFusedBlockTrainBwd, Bwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Arg<Vector>()
-                                  .Ret<Vector>()
-                                  .Ret<Vector>()
-                                  .Ret<Vector>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("residual")
-                                  .Attr<float>("e_lo")
-                                  .Attr<float>("e_hi")
-                                  .Attr<float>("d_lo")
-                                  .Attr<float>("d_hi"));
+                              WithTrainAttrs(WithF32Rets<3>(WithF32Args<11>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))));
