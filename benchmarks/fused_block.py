@@ -1,4 +1,4 @@
-"""Benchmark: MobileNetV2 inverted-residual blocks in inference, layer by layer (``plain``: the
+"""Benchmark: MobileNetV2 inverted-residual blocks in inference or training, layer by layer (``plain``: the
 native backend's unfused kernels) against the fused block kernel (``fused``: one native call per
 block, the expanded tensor kept in cache-sized tiles), at every block shape of the network at
 ``--image-size`` (default 224 px).
@@ -9,6 +9,11 @@ compiling warm-up), GFLOP/s (2 x the block's multiply-adds per second, padded ta
 2048 x 2048 matrices, its fastest call in the same run), and fused / plain speed. Both forms are
 checked to agree first.
 
+``--train``: the same table for a training forward and backward pass of each block (batch
+statistics; the gradients of the parameters and the input for a fixed output weighting), GFLOP/s
+counted as 6 x the multiply-adds (forward, input and weight gradients; the fused passes do more,
+recomputing the expanded tiles), the forms checked to agree by gradient cosine.
+
 ``--memory``: peak activation memory of a whole 224 px inference at each batch, plain and fused
 blocks (XLA's compiled temporary and output bytes, which hold every intermediate tensor; the
 fused kernel's own per-thread tiles are not XLA buffers and are not counted), against the
@@ -17,7 +22,7 @@ materialised tensor and the largest block input plus output (both live while a b
 
 The 1-minute load average is printed with each table: other work on the machine inflates times.
 
-    .venv/bin/python benchmarks/fused_block.py [--batches 1,32] [--repeats 7] [--blocks 0,1,2]
+    .venv/bin/python benchmarks/fused_block.py [--batches 1,32] [--repeats 7] [--blocks 0,1,2] [--train]
     .venv/bin/python benchmarks/fused_block.py --memory [--batches 1,32]
 """
 

@@ -178,7 +178,7 @@ class KernelBackend:
     def _train_inverted_residual(self, x: Array, expansion: nnx.Module, depthwise: nnx.Module,
                                  projection: nnx.Module, shortcut: str | None) -> Array:
         pads = spatial_pads(x.shape, 3, depthwise.stride, depthwise.padding)
-        ebn, dbn = expansion.bn, depthwise.bn
+        ebn, dbn = expansion.bn, depthwise.bn  # one epsilon: the network's (config.bn_epsilon)
         p, expansion_stats, depthwise_stats = fused_train_block(
             x, expansion.kernel[...][0, 0], ebn.scale[...], ebn.bias[...], depthwise.kernel[...][:, :, 0, :],
             dbn.scale[...], dbn.bias[...], projection.kernel[...][0, 0], ebn.epsilon, (expansion.act, depthwise.act),

@@ -98,12 +98,13 @@ never written out), the recorded tensor is computed on the side (see
 :meth:`~manifold_lab.models.backend.KernelBackend.observe`), and the logits are the same with and
 without ``capture`` under ``block_impl="plain"``.
 
-Fused blocks (``block_impl``, :mod:`manifold_lab.models.backend`): in inference without
-``capture``, the native backend may compute a whole block (expansion, depthwise, projection,
-BatchNorms, activations, the bottleneck or inner shortcut) in one kernel call that keeps e_i in
-cache-sized tiles; ``capture`` needs e_i and d_i, so it runs every block layer by layer, and its
-logits then equal the fused ones up to float32 rounding (the kernel applies each BatchNorm as a
-per-channel scale and bias, and sums in another order).
+Fused blocks (``block_impl``, :mod:`manifold_lab.models.backend`): without ``capture``, the native
+backend may compute a whole block (expansion, depthwise, projection, BatchNorms, activations, the
+bottleneck or inner shortcut) by kernels that keep e_i in cache-sized tiles: in inference one call,
+in training passes that recompute the tiles (the t = 1 block excepted); ``capture`` needs e_i and
+d_i, so it runs every block layer by layer, and its logits then equal the fused ones up to float32
+rounding (the kernels apply each BatchNorm as a per-channel scale and bias, and sum in another
+order).
 """
 
 from __future__ import annotations

@@ -278,7 +278,8 @@ def _seed_runs(cfg: TrainConfig, seeds: Sequence[int], run_dirs: Sequence[str | 
 #: the logged sums, and the data location holds the same data. The device count changes the
 #: order of the gradient reductions, so a run moved to other devices agrees to float rounding. The
 #: corrupt-image limit only decides whether a run stops: one that goes on meets the same replacements.
-#: The inference block form (``block_impl``) changes evaluations within float rounding, never training.
+#: The block form (``block_impl``) changes the arithmetic within float rounding, like the device count:
+#: evaluations, and training where blocks are wide enough to fuse (224 px inputs on the CPU).
 RESUME_FREE_FIELDS: tuple[str, ...] = ("log_every", "eval_every", "checkpoint_every", "eval_batch_size",
                                        "eval_bn", "eval_bn_batches", "num_devices", "max_bad_images",
                                        "block_impl", *LOCATION_FIELDS)
