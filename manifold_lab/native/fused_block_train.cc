@@ -448,16 +448,11 @@ ffi::Error Check(const Block& b, size_t we_count, size_t taps_count) {
   return ffi::Error::Success();
 }
 
-Attrs AttrsOf(int64_t stride, int64_t pad_top, int64_t pad_left, int64_t residual, float e_lo, float e_hi,
-              float d_lo, float d_hi) {
-  return Attrs{stride, pad_top, pad_left, residual, e_lo, e_hi, d_lo, d_hi};
-}
-
 ffi::Error Stats(ffi::ThreadPool pool, Vector x, Vector we, Vector se, Vector be, Vector taps, Result stats,
                  int64_t out_h, int64_t out_w, int64_t stride, int64_t pad_top, int64_t pad_left, float e_lo,
                  float e_hi) {
   if (x.dimensions().size() != 4) return ffi::Error::InvalidArgument("fused block training: x must be 4-d");
-  const Attrs a = AttrsOf(stride, pad_top, pad_left, 0, e_lo, e_hi, -kInf, kInf);
+  const Attrs a{stride, pad_top, pad_left, 0, e_lo, e_hi, -kInf, kInf};
   const Block b = MakeBlock(x, we, se, be, taps, se, be, out_h, out_w, 0, a);
   if (auto err = Check(b, we.element_count(), taps.element_count()); err.failure()) return err;
   RunStats(pool, b, stats->typed_data());
@@ -469,7 +464,7 @@ ffi::Error BwdSums(ffi::ThreadPool pool, Vector x, Vector we, Vector se, Vector 
                    int64_t pad_left, int64_t residual, float e_lo, float e_hi, float d_lo, float d_hi) {
   const auto gd = gp.dimensions();
   if (x.dimensions().size() != 4 || gd.size() != 4) return ffi::Error::InvalidArgument("fused block training: 4-d x, g");
-  const Attrs a = AttrsOf(stride, pad_top, pad_left, residual, e_lo, e_hi, d_lo, d_hi);
+  const Attrs a{stride, pad_top, pad_left, residual, e_lo, e_hi, d_lo, d_hi};
   const Block b = MakeBlock(x, we, se, be, taps, sd, bd, gd[1], gd[2], gd[3], a);
   if (auto err = Check(b, we.element_count(), taps.element_count()); err.failure()) return err;
   RunBwdSums(pool, b, Grads{nullptr, wp_t.typed_data(), gp.typed_data(), nullptr}, dwp->typed_data(),
@@ -482,7 +477,7 @@ ffi::Error Bwd(ffi::ThreadPool pool, Vector x, Vector we, Vector we_t, Vector se
                int64_t pad_top, int64_t pad_left, int64_t residual, float e_lo, float e_hi, float d_lo, float d_hi) {
   const auto gd = gp.dimensions();
   if (x.dimensions().size() != 4 || gd.size() != 4) return ffi::Error::InvalidArgument("fused block training: 4-d x, g");
-  const Attrs a = AttrsOf(stride, pad_top, pad_left, residual, e_lo, e_hi, d_lo, d_hi);
+  const Attrs a{stride, pad_top, pad_left, residual, e_lo, e_hi, d_lo, d_hi};
   const Block b = MakeBlock(x, we, se, be, taps, sd, bd, gd[1], gd[2], gd[3], a);
   if (auto err = Check(b, we.element_count(), taps.element_count()); err.failure()) return err;
   const Grads gr{we_t.typed_data(), wp_t.typed_data(), gp.typed_data(), coef.typed_data()};
